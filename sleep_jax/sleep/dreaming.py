@@ -96,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.inner_optimizer = "adam"  # sgd | adam
   # Reward (step 5).
   c.margin = 0.0  # r_i = 1[tau(adapted_i) > tau(base) + margin]
+  # tau's targets in the cycle driver: "self" = the in-context model's own answers to the wake
+  # (train) questions (label-free); "gold" = their known answers (ARC's leave-one-out
+  # demonstrations, whose outputs are part of the context C, not the held-out test).
+  c.tau_target = "self"
   # ReST-EM on the dream generator (step 6): a generator LoRA that persists across rounds.
   c.rest_em = ml_collections.ConfigDict()
   c.rest_em.steps = 4
@@ -172,6 +176,32 @@ def as_dreams(x) -> Dreams:
   if isinstance(x, Mapping):
     return Dreams(x["tokens"], x["valid"], x["completion_mask"])
   return Dreams(x.tokens, x.valid, x.completion_mask)
+
+
+def fixed_dreams(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                 pad_id: int = 0) -> Dreams:
+  """Host helper: given (not sampled) dreams in the sampler's layout, prompt ``i`` left-padded to
+  the longest prompt, then completion ``i`` (right-padded). Used for candidate dreams that come
+  from elsewhere than the generator, e.g. ARC task variants (``dream(candidates=...)``)."""
+  P = max(len(p) for p in prompts)
+  N = max(len(c) for c in completions)
+  toks = np.full((len(prompts), P + N), pad_id, np.int32)
+  valid = np.zeros(toks.shape, bool)
+  cm = np.zeros(toks.shape, bool)
+  for i, (p, c) in enumerate(zip(prompts, completions)):
+    toks[i, P - len(p):P], valid[i, P - len(p):P] = p, True
+    toks[i, P:P + len(c)], valid[i, P:P + len(c)], cm[i, P:P + len(c)] = c, True, True
+  return Dreams(jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(cm))
+
+
+def concat_dreams(a: Dreams, b: Dreams, pad_id: int = 0) -> Dreams:
+  """Rows of ``a`` then ``b``, right-padded to a common width (positions are
+  ``cumsum(valid) - 1``, so right padding changes no likelihood)."""
+  w = max(a.tokens.shape[1], b.tokens.shape[1])
+  pad = lambda x, v: jnp.pad(x, ((0, 0), (0, w - x.shape[1])), constant_values=v)
+  return Dreams(jnp.concatenate([pad(a.tokens, pad_id), pad(b.tokens, pad_id)]),
+                jnp.concatenate([pad(a.valid, False), pad(b.valid, False)]),
+                jnp.concatenate([pad(a.completion_mask, False), pad(b.completion_mask, False)]))
 
 
 def _masked_mean(values, mask):
@@ -547,10 +577,13 @@ class Dreamer:
                                  r.targets, r.optimizer)
     self.generator = generator
 
-  def round(self, context_prompts, task_batch, rng
+  def round(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None
             ) -> Tuple[Dreams, np.ndarray, np.ndarray, Dict[str, Any]]:
-    """One round. Returns (kept dreams, their row indices in the m samples, their rewards,
-    metrics) and updates the generator."""
+    """One round. Returns (kept dreams, their row indices in the m samples (then the
+    ``candidates``: index ``m + j``), their rewards, metrics) and updates the generator.
+
+    ``candidates``: extra dreams (``fixed_dreams`` layout) scored, selected and trialled with the
+    m sampled ones; the generator's ReST-EM step learns only from its own sampled dreams."""
     c, cfg = self.config, self.cfg
     r_sample, r_lora, r_score, r_select = jax.random.split(rng, 4)
     out = sample_dreams(self.params, cfg, self.slot_mask, context_prompts, r_sample, c.m,
@@ -558,6 +591,8 @@ class Dreamer:
                         gen_lora_scale=self.generator.scale, top_k=c.top_k, top_p=c.top_p,
                         stop_tokens=self.stop_tokens, pad_id=self.pad_id)
     dreams = as_dreams(out)
+    if candidates is not None:
+      dreams = concat_dreams(dreams, candidates, self.pad_id)
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
     lscale = lora_lib.scale(c.lora.alpha, c.lora.rank)
     scores = score_dreams(self.params, cfg, self.slot_mask, lora0, dreams, task_batch, r_score,
@@ -570,8 +605,9 @@ class Dreamer:
                         optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
                         task_score_fn=self.task_score_fn, sft_context=c.sft_context)
     g = self.generator
+    sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
     new_lora, new_state, rm = rest_em_round(
-        self.params, cfg, self.slot_mask, g.lora, g.opt_state, kept, trials.rewards,
+        self.params, cfg, self.slot_mask, g.lora, g.opt_state, kept, trials.rewards * sampled,
         steps=c.rest_em.steps, lr=c.rest_em.lr, lora_scale=g.scale, optimizer=c.rest_em.optimizer)
     self.generator = Generator(new_lora, new_state, g.scale)
     rewards = np.asarray(trials.rewards)
@@ -588,15 +624,19 @@ class Dreamer:
     }
     return kept, np.asarray(idx), rewards, metrics
 
-  def run(self, context_prompts, task_batch, rng) -> DreamResult:
-    """``config.rounds`` rounds; accepted = every kept dream with reward 1, over all rounds."""
+  def run(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None
+          ) -> DreamResult:
+    """``config.rounds`` rounds; accepted = every kept dream with reward 1, over all rounds
+    (``prompt_index`` -1 for an accepted candidate)."""
     _, _, prompt_idx = prompt_batch(context_prompts, self.config.m, self.pad_id)
+    if candidates is not None:
+      prompt_idx = np.concatenate([prompt_idx, np.full(candidates.tokens.shape[0], -1)])
     acc: Dict[str, list] = {k: [] for k in ("tokens", "valid", "completion_mask", "prompt_index",
                                             "round")}
     metrics = []
     for rnd, key in enumerate(jax.random.split(rng, self.config.rounds)):
       t0 = time.perf_counter()
-      kept, idx, rewards, m = self.round(context_prompts, task_batch, key)
+      kept, idx, rewards, m = self.round(context_prompts, task_batch, key, candidates)
       ok = rewards > 0
       acc["tokens"].append(np.asarray(kept.tokens)[ok])
       acc["valid"].append(np.asarray(kept.valid)[ok])
@@ -618,11 +658,13 @@ def _empty_result(generator) -> DreamResult:
 def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           config: Optional[ml_collections.ConfigDict] = None, *,
           generator: Optional[Generator] = None, task_score_fn: Callable = task_log_likelihood,
-          stop_tokens: Sequence[int] = (), pad_id: int = 0) -> DreamResult:
+          stop_tokens: Sequence[int] = (), pad_id: int = 0,
+          candidates: Optional[Dreams] = None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
   Pass the returned ``generator`` back in to keep the ReST-EM generator across sleeps.
+  ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``).
   """
   config = default_config() if config is None else config
   if not config.enabled:
@@ -630,7 +672,7 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   r_gen, r_run = jax.random.split(rng)
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
               task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id)
-  return d.run(context_prompts, task_batch, r_run)
+  return d.run(context_prompts, task_batch, r_run, candidates)
 
 
 # ----------------------------------------------------------------------------------------------

