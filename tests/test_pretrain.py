@@ -95,3 +95,27 @@ def test_weighted_loss_and_dream_quality():
                                   samples_per_person=2, max_new_tokens=4)
   assert set(dq) == {"format_ok", "well_formed", "correct", "eos_first", "distinct_attributes"}
   assert 0.0 <= dq["correct"] <= dq["well_formed"] <= dq["format_ok"] <= 1.0
+
+
+def test_packaged_base_is_the_default_recipe_and_reads():
+  """The shipped base model (sleep_jax/assets) is what the default recipe would train: same
+  recipe, same vocabulary, and it reads never-seen people in context with held-out wordings."""
+  recipe = pretrain_lib.PretrainConfig()
+  d = pretrain_lib.packaged_base(recipe)
+  assert d is not None, ("no packaged base model for PretrainConfig(): retrain it with "
+                         "`python -m sleep_jax.sleep.pretrain sleep_jax/assets/world_base`")
+  base = pretrain_lib.load(d)
+  people = base.world.population("heldout")[:20]
+  examples = base.world.in_context_set(people, "eval")
+  acc = qa_eval.exact_match(base.params, base.cfg, base.tokenizer, examples, seq_len=recipe.seq_len)
+  assert acc >= 0.25, acc  # 2 of 6 attributes read reliably (chance ~3%; NOTES_world.md)
+  # The recorded report card matches a fresh measurement on the same people (within sampling).
+  assert abs(acc - base.metrics["final"]["incontext_heldout"]) < 0.15
+
+
+def test_packaged_base_is_used_by_pretrain_or_load(tmp_path):
+  log = []
+  base = pretrain_lib.pretrain_or_load(str(tmp_path / "base"), pretrain_lib.PretrainConfig(), log=log.append)
+  assert "packaged" in log[0] and pretrain_lib.is_cached(str(tmp_path / "base"))
+  assert pretrain_lib.packaged_base(pretrain_lib.PretrainConfig(lr=1.0)) is None
+  assert base.recipe == pretrain_lib.PretrainConfig()

@@ -6,7 +6,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
 
 * ``default``  the README's main job: a small but honest comparison (about 10 minutes on 2 CPU
                cores, base model included; the base model is cached in the workdir);
-* ``full``     ``experiments/knowledge_incorporation``: every method and ablation, 3 seeds;
+* ``full``     ``experiments/knowledge_incorporation``: every method and ablation, 3 seeds, the
+               continual variant's 5 chunks (the same workdir can hold both);
 * ``continual`` ``experiments/continual``: more chunks, retention and accuracy matrices;
 * ``smollm2``  the real SmolLM2-135M-Instruct (GGUF) on a few fictional passages or on the
                user's documents (``--config.data.source=jsonl --config.data.documents=FILE``);
@@ -91,9 +92,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   if variant == "default":
     pass
   elif variant == "full":
+    # The continual variant's stream (5 chunks) with every method: one workdir holds both.
     c.methods = tuple(ALL_METHODS)
     c.seeds = (0, 1, 2)
-    c.world_chunks = 4
+    c.world_chunks = 5
   elif variant == "continual":
     c.methods = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
     c.seeds = (0, 1, 2)
