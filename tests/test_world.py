@@ -177,3 +177,19 @@ def test_multi_question_and_generate_examples(world):
   np.testing.assert_array_equal(b["loss_mask"], b["loss_weight"] > 0)
   bio = world.sample_train_example(rng, {"bio": 1.0}, bio_eos_weight=0.0)
   assert not world_lib.encode(tok, bio)[1][-1]
+
+
+def test_many_passage_regime_documents(world):
+  """``passages_per_person = n``: n paraphrased passages per person, every one with the train
+  questions, only the first with the eval questions (a person is scored once)."""
+  from sleep_jax.data import documents
+  people = world.chunk(0)
+  one = documents.world_documents(world, people)
+  many = documents.world_documents(world, people, passages_per_person=3)
+  assert len(one) == len(people) and len(many) == 3 * len(people)
+  assert [d.id for d in many[:3]] == [one[0].id, f"{one[0].id}/v1", f"{one[0].id}/v2"]
+  assert len({d.passage for d in many[:3]}) == 3 and many[0] == one[0]
+  assert all(d.train_questions == one[0].train_questions for d in many[:3])
+  assert sum(len(d.eval_questions) for d in many) == sum(len(d.eval_questions) for d in one)
+  with pytest.raises(ValueError, match="passage variants"):
+    documents.world_documents(world, people, passages_per_person=SMALL.n_passage_variants + 1)

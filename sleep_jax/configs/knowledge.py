@@ -8,6 +8,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
                cores, base model included; the base model is cached in the workdir);
 * ``full``     ``experiments/knowledge_incorporation``: every method and ablation, 3 seeds, the
                continual variant's 5 chunks (the same workdir can hold both);
+* ``continued`` the many-passage ("continued pretraining") regime: each new person arrives as 4
+               paraphrased passages (``data.passages_per_person``);
 * ``continual`` ``experiments/continual``: more chunks, retention and accuracy matrices;
 * ``smollm2``  the real SmolLM2-135M-Instruct (GGUF) on a few fictional passages or on the
                user's documents (``--config.data.source=jsonl --config.data.documents=FILE``);
@@ -51,6 +53,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       source="world",  # "world" | "jsonl"
       documents="",  # source="jsonl": the user's documents file
       chunk_size=0,  # documents per wake chunk (0 = all people of a world chunk / all documents)
+      # world: 1 = single-passage regime; n > 1 = the many-passage ("continued pretraining")
+      # regime, each new person arrives as n paraphrased passages (variant ``continued``)
+      passages_per_person=1,
   ))
   c.base_cache = ""  # "" = WORKDIR/base
   c.base = _base_recipe(pretrain.PretrainConfig())
@@ -96,6 +101,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.methods = tuple(ALL_METHODS)
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
+  elif variant == "continued":
+    # The many-passage regime: every new person arrives as 4 paraphrased passages.
+    c.data.passages_per_person = 4
   elif variant == "continual":
     c.methods = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
     c.seeds = (0, 1, 2)
@@ -171,6 +179,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.sft.batch_size = 2
     c.eval.retention_people = 5
   else:
-    raise ValueError(f"unknown variant {variant!r}; valid: default, full, continual, smollm2, "
-                     "smollm2_gpu, test")
+    raise ValueError(f"unknown variant {variant!r}; valid: default, continued, full, continual, "
+                     "smollm2, smollm2_gpu, test")
   return c

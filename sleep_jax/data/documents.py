@@ -104,10 +104,20 @@ def load_jsonl(path: str) -> List[Document]:
   return docs
 
 
-def world_documents(world, people) -> List[Document]:
-  """One document per person of the synthetic world: passage variant 0, train-template
-  questions for sleep and the held-out templates for evaluation."""
+def world_documents(world, people, passages_per_person: int = 1) -> List[Document]:
+  """Documents of the synthetic world's ``people``: train-template questions for sleep and the
+  held-out templates for evaluation.
+
+  ``passages_per_person = 1``: the single-passage regime (passage variant 0). ``n > 1``: the
+  many-passage ("continued pretraining") regime: each person arrives as ``n`` paraphrased
+  passages (variants 0..n-1, separate documents ``<pid>``, ``<pid>/v1``, ...); all carry the
+  train questions (so every paraphrase is read, distilled and trained on) and only the first the
+  eval questions (so a person is scored once)."""
   from sleep_jax.data import world as world_lib
+  n = int(passages_per_person)
+  if not 1 <= n <= world.cfg.n_passage_variants:
+    raise ValueError(f"passages_per_person={n}; the world has {world.cfg.n_passage_variants} "
+                     "passage variants per person")
   docs = []
   for p in people:
     tq, eq = [], []
@@ -115,7 +125,9 @@ def world_documents(world, people) -> List[Document]:
       for t in range(len(world_lib.QUESTIONS[a])):
         q = Question(world.question(p, a, t), p.attrs[a])
         (tq if t < world_lib.N_TRAIN_TEMPLATES else eq).append(q)
-    docs.append(Document(str(p.pid), world.passage(p, 0), tuple(tq), tuple(eq)))
+    for v in range(n):
+      docs.append(Document(str(p.pid) if v == 0 else f"{p.pid}/v{v}", world.passage(p, v),
+                           tuple(tq), tuple(eq) if v == 0 else ()))
   return docs
 
 

@@ -590,7 +590,8 @@ def make_setup(config, workdir: str, log=print) -> Setup:
       world = world_lib.World(base_recipe(c).world)
     if c.world_chunks > world.cfg.n_chunks:
       raise ValueError(f"world_chunks={c.world_chunks} > the world's n_chunks={world.cfg.n_chunks}")
-    chunks = [documents.world_documents(world, world.chunk(k)[:c.data.chunk_size or None])
+    chunks = [documents.world_documents(world, world.chunk(k)[:c.data.chunk_size or None],
+                                        int(c.data.get("passages_per_person", 1)))
               for k in range(c.world_chunks)]
     n = int(c.eval.retention_people)
     if c.model_source == "world":

@@ -94,6 +94,7 @@ class PretrainConfig:
   batch_size: int = 32  # x ~110-token multi-question rows: ~ the tokens of 64 x 64
   lr: float = 1e-2
   warmup_steps: int = 50
+  final_lr_fraction: float = 0.1  # cosine decay to this fraction of lr (1.0: constant after warmup)
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   max_steps: int = 1500
@@ -158,12 +159,13 @@ def masked_lm_loss(params, batch, cfg: ModelConfig, slot_mask=None):
 
 
 def make_optimizer(recipe: PretrainConfig) -> optax.GradientTransformation:
-  """The recipe's AdamW (warmup, cosine to 0.1 lr, global-norm clip) via the one optimizer
-  factory, ``parallel.state.make_optimizer``."""
+  """The recipe's AdamW (warmup, cosine to ``final_lr_fraction`` x lr, global-norm clip) via the
+  one optimizer factory, ``parallel.state.make_optimizer``."""
   import ml_collections
   return state_lib.make_optimizer(ml_collections.ConfigDict(dict(
       name="adamw", lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-      decay_steps=max(recipe.max_steps, recipe.warmup_steps + 1), final_lr_fraction=0.1,
+      decay_steps=max(recipe.max_steps, recipe.warmup_steps + 1),
+      final_lr_fraction=recipe.final_lr_fraction,
       b1=0.9, b2=0.98, weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip)))
 
 
