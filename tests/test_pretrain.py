@@ -41,14 +41,19 @@ def test_pretrain_caches_and_reloads_bit_identically(tmp_path):
                                   log=logs2.append)
 
 
-def test_exact_match_agrees_with_greedy_sampler():
+
+def _tiny_world_model():
+  """The unit-test world of ``runlocal()`` and an untrained model over its vocabulary."""
   from sleep_jax.data import world as world_lib
-  from sleep_jax.model import sampler, transformer
+  from sleep_jax.model import transformer
   recipe = pretrain_lib.runlocal()
   w = world_lib.World(recipe.world)
-  tok = w.tokenizer
-  cfg = recipe.model_config(tok.vocab_size)
-  params = transformer.init(jax.random.PRNGKey(1), cfg)
+  cfg = recipe.model_config(w.tokenizer.vocab_size)
+  return w, w.tokenizer, cfg, transformer.init(jax.random.PRNGKey(1), cfg)
+
+def test_exact_match_agrees_with_greedy_sampler():
+  from sleep_jax.model import sampler
+  w, tok, cfg, params = _tiny_world_model()
   exs = (w.in_context_set(w.population("heldout")[:2], "eval")[:6]
          + w.closed_book_set(w.population("qa")[:1], "train")[:4])
   first = qa_eval.first_answer_tokens(params, cfg, tok, exs)
@@ -73,12 +78,7 @@ def test_recipe_json_round_trip():
 
 def test_weighted_loss_and_dream_quality():
   from sleep_jax.data import world as world_lib
-  from sleep_jax.model import transformer
-  recipe = pretrain_lib.runlocal()
-  w = world_lib.World(recipe.world)
-  tok = w.tokenizer
-  cfg = recipe.model_config(tok.vocab_size)
-  params = transformer.init(jax.random.PRNGKey(1), cfg)
+  w, tok, cfg, params = _tiny_world_model()
   p = w.population("reading")[0]
   exs = [w.multi_question(p, ["city", "field"], [0, 1], question_weight=0.5),
          w.in_context(p, "city", 0)]

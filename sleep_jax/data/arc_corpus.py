@@ -28,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from sleep_jax.data import arc
+from sleep_jax.data import world as world_lib
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.data.world import Example
 
@@ -104,9 +105,7 @@ class ArcCorpus:
   def sample_train_example(self, rng: np.random.Generator, mixture: Dict[str, float],
                            **unused) -> Example:
     """A random component of ``mixture`` on a random training task (index >= N_PROBE)."""
-    names = sorted(mixture)
-    w = np.array([mixture[n] for n in names], float)
-    comp = names[rng.choice(len(names), p=w / w.sum())]
+    comp = world_lib.sample_component(rng, mixture)
     t = self.task(N_PROBE + int(rng.integers(2 ** 31 - N_PROBE)))
     if comp == "incontext":
       return self.incontext(t, int(rng.integers(len(t.train) + len(t.test))))

@@ -330,9 +330,7 @@ class StreamCorpus:
   def sample_train_example(self, rng, mixture: Dict[str, float], *, max_len: Optional[int] = None,
                            **unused):
     from sleep_jax.data import world as world_lib
-    names = sorted(mixture)
-    w = [float(mixture[n]) for n in names]
-    comp = names[rng.choice(len(names), p=[x / sum(w) for x in w])]
+    comp = world_lib.sample_component(rng, mixture)
     if comp == "closed":
       q = self._memorised[rng.integers(len(self._memorised))]
       return world_lib.Example(f"Q: {q.q} A:", q.answer, "closed", -1, "", 0, -1)

@@ -228,6 +228,13 @@ _COMPONENT_POPULATION = {"bio": "pretrain", "closed": "qa", "incontext": "readin
                         "incontext_generate": "reading"}
 
 
+def sample_component(rng: np.random.Generator, mixture: Dict[str, float]) -> str:
+  """A mixture component drawn with probability proportional to its weight (any corpus)."""
+  names = sorted(mixture)
+  w = np.array([mixture[n] for n in names], float)
+  return names[rng.choice(len(names), p=w / w.sum())]
+
+
 class World:
   """The people, their value vocabularies, passages and questions of one ``WorldConfig``."""
 
@@ -377,9 +384,7 @@ class World:
     (DESIGN.md section 5): ``bio_qa`` (qa population biographies), ``incontext_qa``,
     ``closed_pretrain`` / ``incontext_pretrain`` (QA on the pretrain population).
     ``bio_eos_weight`` weighs the eos closing a biography."""
-    names = sorted(mixture)
-    w = np.array([mixture[n] for n in names], float)
-    comp = names[rng.choice(len(names), p=w / w.sum())]
+    comp = sample_component(rng, mixture)
     if comp not in _COMPONENT_POPULATION:
       raise ValueError(f"unknown mixture component {comp!r}; known: {sorted(_COMPONENT_POPULATION)}")
     pop = self._pops[_COMPONENT_POPULATION[comp]]
