@@ -205,3 +205,26 @@ def test_mask_that_does_not_fit_is_rejected():
     st.create_train_state(0, lambda r: {"w": jnp.ones((3, 4))}, optax.sgd(0.1),
                           trainable={"w": np.ones((2,), bool)})
   del shapes
+
+
+def test_cached_train_step_reuses_one_compiled_step_per_key():
+  """Phases run once per sleep get their step from ``cached_train_step``: equal keys give the
+  same jitted step (compiled once), a different optimizer or differentiated set a new one."""
+  import ml_collections
+  opt = lambda lr: ml_collections.ConfigDict(dict(name="adam", lr=lr, grad_clip=1.0))
+  loss = lambda p, b, r: (jnp.sum(p["w"] ** 2), {})
+  a = st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
+  b = st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
+  assert a is b
+  assert st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.2), {"w": True}) is not a
+  assert st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": False}) is not a
+  assert st.cached_train_step(("test_loss", 2), lambda: loss, opt(0.1), {"w": True}) is not a
+  tx, step = a
+  params = {"w": jnp.ones((3,))}
+  state = st.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        rng=st.rng_data(jax.random.key(0)), trainable={"w": jnp.array(True)},
+                        extras={})
+  for _ in range(2):
+    state, m = step(state, {})
+  assert int(state.step) == 2 and float(m["loss"]) < 3.0
+  assert step.jitted._cache_size() == 1  # one compilation for both calls

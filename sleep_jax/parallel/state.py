@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -459,3 +460,37 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   train_step.jitted = jitted  # for .lower(...) / cost analysis
   return train_step
+
+
+_STEP_CACHE: "collections.OrderedDict[Any, Tuple[optax.GradientTransformation, Callable]]" = (
+    collections.OrderedDict())
+_STEP_CACHE_SIZE = 32
+
+
+def cached_train_step(loss_key, make_loss_fn: Callable[[], LossFn], opt_cfg, differentiate=None
+                      ) -> Tuple[optax.GradientTransformation, Callable]:
+  """``(optimizer, step)``: ``make_optimizer(opt_cfg)`` and ``make_train_step`` of
+  ``make_loss_fn()`` with it, memoised under (``loss_key``, ``opt_cfg``, ``differentiate``).
+
+  A phase run once per sleep (a consolidation, an SFT fit) that built its step inside the phase
+  made a new closure each time, and ``jax.jit`` compiles per closure: every sleep of every
+  method recompiled the same program. ``loss_key`` (hashable) must name everything the loss
+  depends on (model config, loss hyper-parameters); batch shapes are jit's own cache key.
+  Least recently used entries are evicted."""
+  key = (loss_key, opt_cfg.to_json(sort_keys=True),
+         None if differentiate is None else tree_key(differentiate))
+  hit = _STEP_CACHE.get(key)
+  if hit is None:
+    tx = make_optimizer(opt_cfg)
+    hit = _STEP_CACHE[key] = (tx, make_train_step(make_loss_fn(), tx, differentiate=differentiate))
+    while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+      _STEP_CACHE.popitem(last=False)
+  else:
+    _STEP_CACHE.move_to_end(key)
+  return hit
+
+
+def tree_key(tree) -> Tuple[Any, ...]:
+  """A hashable key for a host pytree of Python scalars (e.g. ``trainable_arrays(...)``)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return (str(treedef), tuple(leaves))

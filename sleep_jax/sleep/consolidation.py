@@ -249,7 +249,15 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     D.append(comps)
 
   # 2. Optimisation state: only ``student.trainable`` changes.
-  tx = state_lib.make_optimizer(kcfg.optimizer)
+  divergence_kwargs = tuple(sorted(dict(kcfg.divergence_kwargs).items()))
+  loss_hparams = dict(cfg=student.cfg, alpha=alpha, lam=lam, divergence=kcfg.divergence,
+                      divergence_kwargs=divergence_kwargs, temperature=float(kcfg.temperature),
+                      advantage=kcfg.advantage)
+  tx, step_fn = state_lib.cached_train_step(
+      ("ks_loss", tuple(sorted(loss_hparams.items()))),
+      lambda: lambda p, b, r: ks_loss(p, b, r, **{**loss_hparams,
+                                                  "divergence_kwargs": dict(divergence_kwargs)}),
+      kcfg.optimizer, state_lib.trainable_arrays(student.trainable))
   # The step donates its state; the student's frozen arrays may be the teacher's own buffers
   # (self-distillation), so the student trains on a copy.
   params = jax.tree.map(jnp.copy, student.params)
@@ -258,12 +266,6 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       rng=jnp.copy(state_lib.rng_data(rng)),
       trainable=jax.tree.map(lambda m: jnp.array(m, bool), student.trainable),
       extras={"slot_mask": jnp.array(student.slot_mask, bool)})
-  loss_fn = lambda p, b, r: ks_loss(
-      p, b, r, cfg=student.cfg, alpha=alpha, lam=lam, divergence=kcfg.divergence,
-      divergence_kwargs=dict(kcfg.divergence_kwargs), temperature=float(kcfg.temperature),
-      advantage=kcfg.advantage)
-  step_fn = state_lib.make_train_step(
-      loss_fn, tx, differentiate=state_lib.trainable_arrays(student.trainable))
 
   def completion_arrays(comps):
     toks = np.full((B, N), pad_id, np.int32)

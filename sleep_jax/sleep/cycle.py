@@ -169,14 +169,13 @@ def fit_sequences(params, slot_mask, cfg, batch: Dict[str, np.ndarray], trainabl
   n = batch["tokens"].shape[0]
   if n == 0 or steps == 0:
     return params
-  tx = state_lib.make_optimizer(opt_cfg)
+  tx, step = state_lib.cached_train_step(("fit_sequences", cfg), lambda: pretrain.loss_fn_for(cfg),
+                                         opt_cfg, state_lib.trainable_arrays(trainable))
   p = jax.tree.map(jnp.copy, params)  # the step donates its state; callers keep theirs
   st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                             rng=jnp.copy(state_lib.rng_data(rng)),
                             trainable=jax.tree.map(lambda m: jnp.array(m, bool), trainable),
                             extras={"slot_mask": jnp.array(slot_mask, bool)})
-  step = state_lib.make_train_step(pretrain.loss_fn_for(cfg), tx,
-                                  differentiate=state_lib.trainable_arrays(trainable))
   host = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
   for _ in range(steps):
     idx = host.integers(0, n, size=batch_size)
