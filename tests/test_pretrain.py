@@ -119,3 +119,20 @@ def test_packaged_base_is_used_by_pretrain_or_load(tmp_path):
   assert "packaged" in log[0] and pretrain_lib.is_cached(str(tmp_path / "base"))
   assert pretrain_lib.packaged_base(pretrain_lib.PretrainConfig(lr=1.0)) is None
   assert base.recipe == pretrain_lib.PretrainConfig()
+
+
+def test_sentence_curriculum_grows_the_passage():
+  """``sentence_curriculum_steps``: the most sentences a multi-question passage keeps grows
+  linearly from ``multi_min_sentences`` to ``multi_max_sentences``; the default keeps full
+  passages throughout (the shipped base's data stream is unchanged)."""
+  default = pretrain_lib.PretrainConfig()
+  assert pretrain_lib.sample_kwargs(default, 1)["n_sentences"] == (5, 5)
+  r = dataclasses.replace(default, multi_min_sentences=1, sentence_curriculum_steps=400)
+  his = [pretrain_lib.sample_kwargs(r, s)["n_sentences"] for s in (0, 99, 100, 250, 399, 400)]
+  assert his == [(1, 1), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+  assert pretrain_lib.sample_kwargs(r)["n_sentences"] == (1, 5)
+  world = pretrain_lib.corpus_for(r)
+  rng = np.random.default_rng(0)
+  ex = [world.sample_train_example(rng, dict(r.mixture), **pretrain_lib.sample_kwargs(r, 0))
+        for _ in range(50)]
+  assert all(e.prompt.count(".") == 1 for e in ex if e.kind == "multi")  # one sentence each

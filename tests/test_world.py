@@ -1,5 +1,6 @@
 """The synthetic world: determinism, disjoint populations, held-out templates, tokenizer, builder."""
 
+import re
 import subprocess
 import sys
 
@@ -193,3 +194,31 @@ def test_many_passage_regime_documents(world):
   assert sum(len(d.eval_questions) for d in many) == sum(len(d.eval_questions) for d in one)
   with pytest.raises(ValueError, match="passage variants"):
     documents.world_documents(world, people, passages_per_person=SMALL.n_passage_variants + 1)
+
+
+def test_partial_passages_for_the_reading_curriculum(world):
+  """``passage(keep=...)`` keeps exactly the sentences stating ``keep`` (same words, same order
+  as the full passage); partial multi-question examples ask only what their passage states."""
+  p = world.population("reading")[3]
+  full = world.passage(p, 2)
+  part = world.passage(p, 2, keep=["employer", "birth_month"])
+  sentences = [s for s in re.split(r"(?<=\.) ", full)]
+  kept = [s for s in sentences if s in part]
+  assert " ".join(kept) == part and len(kept) == 2  # birth sentence + employer sentence
+  assert p.attrs["employer"] in part and p.attrs["birth_year"] in part
+  assert p.attrs["city"] not in part
+  assert world.passage(p, 2, keep=list(ATTRIBUTES)) == full
+  with pytest.raises(ValueError, match="not attributes"):
+    world.passage(p, 2, keep=["hobby"])
+  rng = np.random.default_rng(1)
+  lengths = set()
+  for _ in range(40):
+    e = world.sample_train_example(rng, {"incontext_multi": 1.0}, n_sentences=(1, 2),
+                                   max_len=128)
+    n = len(re.split(r"(?<=\.) ", e.prompt))
+    lengths.add(n)
+    person = world.people[e.pid]
+    for a in ATTRIBUTES:  # every answer asked for is in the passage
+      if f"A: {person.attrs[a]}" in e.target:
+        assert person.attrs[a] in e.prompt
+  assert lengths == {1, 2}

@@ -122,6 +122,9 @@ QUESTIONS: Dict[str, Tuple[str, ...]] = {
                  "{name} works for which company?", "The employer of {name} is what?"),
 }
 N_TRAIN_TEMPLATES = 6
+# Sentences of a full passage: the birth sentence (birth_year, birth_month) + one per SENTENCES key.
+SENTENCE_KEYS: Tuple[str, ...] = ("birth",) + tuple(SENTENCES)
+N_SENTENCES = len(SENTENCE_KEYS)
 
 
 def question_templates(attribute: str, split: str) -> Tuple[str, ...]:
@@ -286,9 +289,15 @@ class World:
     return self.population(f"new_{k}")
 
   # --- text ----------------------------------------------------------------------------------
-  def passage(self, person: Person, variant: int = 0) -> str:
+  def passage(self, person: Person, variant: int = 0,
+              keep: Optional[Sequence[str]] = None) -> str:
     """Biography of ``person``; ``variant`` picks one of ``n_passage_variants`` paraphrases
-    (sentence wording per attribute and sentence order), deterministic per (person, variant)."""
+    (sentence wording per attribute and sentence order), deterministic per (person, variant).
+
+    ``keep`` (attributes): only the sentences stating them, in the variant's order and wording
+    (a *partial* passage; the birth sentence states birth_year and birth_month and carries the
+    name). Used for short reading examples: with fewer distractor values in the passage the
+    model learns to find each attribute sooner (NOTES_world.md, fourth session)."""
     if not 0 <= variant < self.cfg.n_passage_variants:
       raise ValueError(f"variant={variant}; world has {self.cfg.n_passage_variants} variants")
     rng = np.random.default_rng([self._passage_rng_seed, person.pid, variant])
@@ -298,7 +307,14 @@ class World:
     first = BIRTH_SENTENCES[rng.integers(len(BIRTH_SENTENCES))]
     rest = [SENTENCES[a][rng.integers(len(SENTENCES[a]))] for a in SENTENCES]
     order = rng.permutation(len(rest)) if self.cfg.shuffle_sentences else np.arange(len(rest))
-    return " ".join(s.format(**fill) for s in [first] + [rest[i] for i in order])
+    keyed = [("birth", first)] + [(list(SENTENCES)[i], rest[i]) for i in order]
+    if keep is not None:
+      unknown = set(keep) - set(ATTRIBUTES)
+      if unknown:
+        raise ValueError(f"keep={sorted(unknown)}: not attributes {ATTRIBUTES}")
+      wanted = {"birth" if a.startswith("birth_") else a for a in keep}
+      keyed = [(k, s) for k, s in keyed if k in wanted]
+    return " ".join(s.format(**fill) for _, s in keyed)
 
   @staticmethod
   def question(person: Person, attribute: str, template: int) -> str:
@@ -321,7 +337,8 @@ class World:
 
   def multi_question(self, person: Person, attributes: Sequence[str], templates: Sequence[int],
                      variant: int = 0, question_weight: float = 0.0,
-                     first_q_weight: Optional[float] = None) -> Example:
+                     first_q_weight: Optional[float] = None,
+                     keep: Optional[Sequence[str]] = None) -> Example:
     """``<passage>`` -> ``Q: <q1> A: <a1> Q: <q2> A: <a2> ...`` (one question per attribute).
 
     Loss weights: answers and the final eos 1; question text ``question_weight``; the ``Q:``
@@ -333,7 +350,7 @@ class World:
     for i, (a, t) in enumerate(zip(attributes, templates)):
       segs += [("Q:", fq if i == 0 else 0.0), (f"{self.question(person, a, t)} A:", question_weight),
                (person.attrs[a], 1.0)]
-    return Example(self.passage(person, variant), " ".join(x for x, _ in segs), "multi",
+    return Example(self.passage(person, variant, keep), " ".join(x for x, _ in segs), "multi",
                    person.pid, "", int(templates[0]) if len(templates) else -1, variant,
                    tuple(segs), 1.0)
 
@@ -373,13 +390,16 @@ class World:
   def sample_train_example(self, rng: np.random.Generator, mixture: Dict[str, float], *,
                            n_questions: Tuple[int, int] = (6, 6), question_weight: float = 0.0,
                            first_q_weight: Optional[float] = None, max_len: Optional[int] = None,
-                           bio_eos_weight: float = 1.0) -> Example:
+                           bio_eos_weight: float = 1.0,
+                           n_sentences: Tuple[int, int] = (N_SENTENCES, N_SENTENCES)) -> Example:
     """One random pretraining example. ``mixture`` maps component -> weight, components:
     ``bio`` (pretrain population biographies), ``closed`` (qa population, train templates),
     ``incontext`` (reading population, train templates), ``incontext_multi`` (reading
     population: one passage, ``n_questions`` = (min, max) questions on distinct attributes in
     random order, see ``multi_question``; questions are dropped from the end until the example
-    fits ``max_len`` tokens), ``incontext_generate`` (reading population: passage -> a whole
+    fits ``max_len`` tokens; the passage keeps ``n_sentences`` = (min, max) of its
+    ``N_SENTENCES`` sentences, chosen at random, and only their attributes are asked),
+    ``incontext_generate`` (reading population: passage -> a whole
     ``Q: ... A: ...`` pair, see ``generate_example``), and, off in the default recipe
     (DESIGN.md section 5): ``bio_qa`` (qa population biographies), ``incontext_qa``,
     ``closed_pretrain`` / ``incontext_pretrain`` (QA on the pretrain population).
@@ -395,10 +415,17 @@ class World:
       return ex if bio_eos_weight == 1.0 else ex._replace(eos_weight=float(bio_eos_weight))
     if comp == "incontext_multi":
       k = int(rng.integers(n_questions[0], n_questions[1] + 1))
-      attrs = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))[:k]]
-      tpls = [int(t) for t in rng.integers(N_TRAIN_TEMPLATES, size=k)]
+      keep = None
+      if tuple(n_sentences) != (N_SENTENCES, N_SENTENCES):  # partial passage
+        n = int(rng.integers(n_sentences[0], n_sentences[1] + 1))
+        keys = [SENTENCE_KEYS[i] for i in rng.permutation(N_SENTENCES)[:n]]
+        keep = [a for a in ATTRIBUTES if ("birth" if a.startswith("birth_") else a) in keys]
+      pool = ATTRIBUTES if keep is None else keep
+      attrs = [pool[i] for i in rng.permutation(len(pool))[:k]]
+      tpls = [int(t) for t in rng.integers(N_TRAIN_TEMPLATES, size=len(attrs))]
       while True:
-        ex = self.multi_question(person, attrs, tpls, variant, question_weight, first_q_weight)
+        ex = self.multi_question(person, attrs, tpls, variant, question_weight, first_q_weight,
+                                 keep)
         if max_len is None or len(attrs) == 1 or (
             len(self.tokenizer.encode(ex.prompt)) + len(self.tokenizer.encode(ex.target)) + 2
             <= max_len):

@@ -122,15 +122,19 @@ def plot_results(results: Dict, out_dir: str) -> List[str]:
   if mats:
     cols = min(4, len(mats))
     rows = -(-len(mats) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    # Constrained layout + axis labels on the outer panels only: per-panel labels overlapped.
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
       ax.axis("off")
-    for ax, (name, R) in zip(axes.ravel(), mats):
+    for k, (ax, (name, R)) in enumerate(zip(axes.ravel(), mats)):
       ax.axis("on")
       im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
       ax.set_title(name, fontsize=9)
-      ax.set_xlabel("evaluated chunk j")
-      ax.set_ylabel("after chunk i")
+      if k + cols >= len(mats):  # nothing below this panel
+        ax.set_xlabel("evaluated chunk j")
+      if k % cols == 0:
+        ax.set_ylabel("after chunk i")
       for (i, j), v in np.ndenumerate(R):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v < 0.5 else "black")

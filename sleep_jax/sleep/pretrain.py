@@ -74,6 +74,7 @@ class PretrainConfig:
   n_layers: int = 2
   n_heads: int = 8  # 8 x 16-dim heads read faster than 4 x 32 (NOTES_world.md)
   n_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // n_heads
   d_ff: Tuple[int, ...] = (0, 256)
   n_experts: Tuple[int, ...] = (1, 1)
   chunk_sizes: Tuple[int, ...] = (1, 1)
@@ -85,6 +86,14 @@ class PretrainConfig:
   # Multi-question reading examples (mixture component ``incontext_multi``, see world.py).
   multi_min_questions: int = 6
   multi_max_questions: int = 6
+  # Passage sentences kept in a multi-question example, (min, max) of world.N_SENTENCES (= 5:
+  # full passages). Fewer sentences = fewer distractor values to choose from.
+  multi_min_sentences: int = world_lib.N_SENTENCES
+  multi_max_sentences: int = world_lib.N_SENTENCES
+  # Reading curriculum: over the first ``sentence_curriculum_steps`` steps the most sentences a
+  # multi-question passage keeps grows linearly from multi_min_sentences to multi_max_sentences
+  # (0: no curriculum). A value token is easier to find among few (NOTES_world.md, 4th session).
+  sentence_curriculum_steps: int = 0
   question_weight: float = 0.0  # loss weight of the question text in incontext_multi
   first_q_weight: float = -1.0  # weight of the "Q:" opening it (< 0: question_weight)
   bio_eos_weight: float = 0.0  # loss weight of the eos closing a biography (0: after a passage
@@ -109,7 +118,8 @@ class PretrainConfig:
 
   def model_config(self, vocab_size: int) -> ModelConfig:
     return config_lib.tiny(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_ff=self.d_ff,
+                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                           head_dim=self.head_dim or None, d_ff=self.d_ff,
                            n_experts=self.n_experts, chunk_sizes=self.chunk_sizes,
                            n_slots=self.n_slots, slot_rank=self.slot_rank,
                            max_seq_len=max(self.seq_len, self.train_seq_len))
@@ -303,13 +313,18 @@ def dream_quality(params, cfg: ModelConfig, world: world_lib.World, people, *,
 # ----------------------------------------------------------------------------------------------
 # Training.
 # ----------------------------------------------------------------------------------------------
-def sample_kwargs(recipe: PretrainConfig) -> Dict[str, Any]:
-  """``World.sample_train_example`` keyword arguments of ``recipe``."""
+def sample_kwargs(recipe: PretrainConfig, step: Optional[int] = None) -> Dict[str, Any]:
+  """``World.sample_train_example`` keyword arguments of ``recipe`` (at training ``step``, for
+  the reading curriculum; None = after it)."""
+  lo, hi = recipe.multi_min_sentences, recipe.multi_max_sentences
+  if step is not None and step < recipe.sentence_curriculum_steps:
+    hi = lo + (hi - lo) * step // recipe.sentence_curriculum_steps
   return dict(n_questions=(recipe.multi_min_questions, recipe.multi_max_questions),
               question_weight=recipe.question_weight,
               first_q_weight=None if recipe.first_q_weight < 0 else recipe.first_q_weight,
               max_len=max(recipe.seq_len, recipe.train_seq_len),
-              bio_eos_weight=recipe.bio_eos_weight)
+              bio_eos_weight=recipe.bio_eos_weight,
+              n_sentences=(lo, hi))
 
 
 def encode_train_batch(tok: WordTokenizer, examples, recipe: PretrainConfig
@@ -337,8 +352,8 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
   probe, probe_train_tpl, groups = probe_sets(world, recipe.eval_people)
   history, t0, train_time = [], time.time(), 0.0
   reached = {}
-  sample_kw = sample_kwargs(recipe)
   for step in range(1, recipe.max_steps + 1):
+    sample_kw = sample_kwargs(recipe, step)
     examples = [world.sample_train_example(rng, mixture, **sample_kw)
                 for _ in range(recipe.batch_size)]
     batch = encode_train_batch(tok, examples, recipe)
