@@ -379,8 +379,8 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       ok = qa_eval.exact_match_per_example(state.params, cfg, tok, probe, seq_len=recipe.seq_len)
       acc = float(ok.mean())
       acc_tr = qa_eval.exact_match(state.params, cfg, tok, probe_train_tpl, seq_len=recipe.seq_len)
-      per_attr = {a: round(float(ok[[e.attribute == a for e in probe]].mean()), 2)
-                  for a in groups}
+      in_group = {a: np.array([e.attribute == a for e in probe], bool) for a in groups}
+      per_attr = {a: round(float(ok[m].mean()), 2) for a, m in in_group.items() if m.any()}
       rec = {"step": step, "train_s": round(train_time, 1), "wall_s": round(time.time() - t0, 1),
              "loss": round(float(m["loss"]), 4), "incontext_heldout": round(acc, 4),
              "incontext_heldout_train_tpl": round(acc_tr, 4), "per_attribute": per_attr}
