@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import jax
@@ -249,14 +250,13 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     D.append(comps)
 
   # 2. Optimisation state: only ``student.trainable`` changes.
-  divergence_kwargs = tuple(sorted(dict(kcfg.divergence_kwargs).items()))
   loss_hparams = dict(cfg=student.cfg, alpha=alpha, lam=lam, divergence=kcfg.divergence,
-                      divergence_kwargs=divergence_kwargs, temperature=float(kcfg.temperature),
-                      advantage=kcfg.advantage)
+                      divergence_kwargs=dict(kcfg.divergence_kwargs),
+                      temperature=float(kcfg.temperature), advantage=kcfg.advantage)
   tx, step_fn = state_lib.cached_train_step(
-      ("ks_loss", tuple(sorted(loss_hparams.items()))),
-      lambda: lambda p, b, r: ks_loss(p, b, r, **{**loss_hparams,
-                                                  "divergence_kwargs": dict(divergence_kwargs)}),
+      ("ks_loss", student.cfg, json.dumps({k: v for k, v in loss_hparams.items() if k != "cfg"},
+                                          sort_keys=True)),
+      lambda: functools.partial(ks_loss, **loss_hparams),
       kcfg.optimizer, state_lib.trainable_arrays(student.trainable))
   # The step donates its state; the student's frozen arrays may be the teacher's own buffers
   # (self-distillation), so the student trains on a copy.
