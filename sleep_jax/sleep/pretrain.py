@@ -112,7 +112,7 @@ class PretrainConfig:
   final_lr_fraction: float = 0.1  # cosine decay to this fraction of lr (1.0: constant after warmup)
   weight_decay: float = 0.0
   grad_clip: float = 1.0
-  max_steps: int = 1500
+  max_steps: int = 3000  # the default recipe reaches target_incontext at step 1600 and stops
   mixture: Tuple[Tuple[str, float], ...] = DEFAULT_MIXTURE
   # Stopping rule: in-context EM on heldout people, eval templates.
   eval_every: int = 100
