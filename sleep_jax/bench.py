@@ -807,6 +807,50 @@ def part_on_policy_step(ctx: Context) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# sleep_compile_cache.
+# ----------------------------------------------------------------------------------------------
+def part_sleep_compile_cache(ctx: Context) -> Dict[str, Any]:
+  """A later sleep's consolidation (same shapes as the first) with its compiled step memoised
+  (``state.cached_train_step``) vs with the memo emptied before it, in one process: what every
+  sleep after the first used to pay to recompile its step."""
+  from sleep_jax.model import config as mcfg
+  from sleep_jax.model import transformer
+  from sleep_jax.parallel import state as state_lib
+  from sleep_jax.sleep import consolidation as cons
+
+  cfg = mcfg.tiny()
+  B, N, steps, repeats = (4, 4, 2, 1) if ctx.quick else (8, 8, 4, 2)
+  rng = np.random.default_rng(0)
+  params = transformer.init(jax.random.key(0), cfg)
+  mask = transformer.slot_mask_none(cfg)
+  questions = rng.integers(3, cfg.vocab_size, (B, 12)).tolist()
+  teacher = [list(c) + q for c, q in zip(rng.integers(3, cfg.vocab_size, (B, 36)).tolist(),
+                                         questions)]
+  kcfg = cons.variant("opsd_expansion")
+  kcfg.steps, kcfg.batch_size, kcfg.max_new_tokens, kcfg.teacher_samples = steps, B, N, 1
+
+  def sleep(i: int) -> float:
+    t0 = time.perf_counter()
+    res = cons.consolidate(params, mask, cfg, teacher, questions, kcfg, jax.random.key(i),
+                           stop_tokens=(2,))
+    _block(res.params)
+    return time.perf_counter() - t0
+
+  first = sleep(0)  # compiles the sampler, the teacher forward and the step
+  cached = min(sleep(1 + r) for r in range(repeats))
+  uncached = []
+  for r in range(repeats):
+    state_lib.clear_step_cache()
+    uncached.append(sleep(10 + r))
+  uncached_s = min(uncached)
+  return {"model": "tiny", "params": _count(cfg), "batch": B, "new_tokens": N,
+          "consolidation_steps": steps, "first_sleep_s": first, "later_sleep_cached_s": cached,
+          "later_sleep_uncached_s": uncached_s, "speedup": uncached_s / cached,
+          "note": "consolidation.consolidate (opsd_expansion) on the same prompts: first call, "
+                  "then best of later calls with the step memo kept vs emptied before each"}
+
+
+# ----------------------------------------------------------------------------------------------
 # dream_trials.
 # ----------------------------------------------------------------------------------------------
 def part_dream_trials(ctx: Context) -> Dict[str, Any]:
@@ -1004,6 +1048,9 @@ def targets(parts: Dict[str, Any]) -> List[Dict[str, Any]]:
   fr = _get(rows, 1, "bandwidth_bound", "fraction_of_bound")
   add("sampler batch-1 fraction of the bandwidth bound", ">= 0.70", fr,
       fr is not None and fr >= 0.7)
+  sc = _get(parts, "sleep_compile_cache", "speedup")
+  add("later sleep's consolidation, step memo kept vs emptied", ">= 2.0", sc,
+      sc is not None and sc >= 2.0)
   dt = _get(parts, "dream_trials", "speedup")
   add("dream trials vmapped speed-up, m=16", ">= 4.0", dt, dt is not None and dt >= 4.0)
   sh = _get(parts, "sharding", "ratio_to_ideal_args_temps_outputs")
@@ -1071,6 +1118,11 @@ def summary_markdown(res: Dict[str, Any]) -> str:
                  f"{ps['teacher_forward']:.3f} / {ps['assemble']:.3f} / "
                  f"{ps['student_update']:.3f}); seed_knowledge step "
                  f"{_fmt(op.get('seed_knowledge_step_s'))} s |")
+  sc = parts.get("sleep_compile_cache") or {}
+  if "speedup" in sc:
+    lines.append(f"| sleep_compile_cache tiny | first / later sleep s, memo kept / emptied, "
+                 f"speed-up | {sc['first_sleep_s']:.2f} / {sc['later_sleep_cached_s']:.2f} / "
+                 f"{sc['later_sleep_uncached_s']:.2f}, x{sc['speedup']:.2f} |")
   dt = parts.get("dream_trials") or {}
   if "speedup" in dt:
     lines.append(f"| dream_trials m={dt['m']} | vmapped / sequential s, speed-up | "
@@ -1098,6 +1150,7 @@ PARTS: Dict[str, Callable[[Context], Dict[str, Any]]] = {
     "train_step": part_train_step,
     "sampler": part_sampler,
     "on_policy_step": part_on_policy_step,
+    "sleep_compile_cache": part_sleep_compile_cache,
     "dream_trials": part_dream_trials,
     "sharding": part_sharding,
 }

@@ -71,5 +71,5 @@ def test_cli_quick_schema(tmp_path):
     assert key in tiny, key
   assert tiny["mfu"] > 0 and "flops_formula" in res["parts"]["train_step"]
   names = [t["name"] for t in res["targets"]]
-  assert len(names) == 6 and all({"target", "measured", "met"} <= set(t) for t in res["targets"])
+  assert len(names) == 7 and all({"target", "measured", "met"} <= set(t) for t in res["targets"])
   assert "matmul_peak" in md.read_text()

@@ -490,6 +490,11 @@ def cached_train_step(loss_key, make_loss_fn: Callable[[], LossFn], opt_cfg, dif
   return hit
 
 
+def clear_step_cache() -> None:
+  """Forgets every memoised step (``cached_train_step``): the next call of each key compiles."""
+  _STEP_CACHE.clear()
+
+
 def tree_key(tree) -> Tuple[Any, ...]:
   """A hashable key for a host pytree of Python scalars (e.g. ``trainable_arrays(...)``)."""
   leaves, treedef = jax.tree.flatten(tree)
