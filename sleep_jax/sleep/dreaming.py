@@ -94,6 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.inner_steps = 4
   c.inner_lr = 1e-3
   c.inner_optimizer = "adam"  # sgd | adam
+  # Dreams whose gradient scores / trials run in one vmap (0 = all): bounds memory on real models.
+  c.parallel_dreams = 0
   # Reward (step 5).
   c.margin = 0.0  # r_i = 1[tau(adapted_i) > tau(base) + margin]
   # tau's targets in the cycle driver: "self" = the in-context model's own answers to the wake
@@ -305,16 +307,19 @@ def _tree_dot_rows(g, h):
              for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(h)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task_score_fn", "sft_context"))
+@functools.partial(jax.jit, static_argnames=("cfg", "rule", "task_score_fn", "sft_context"))
 def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, *,
-                    lora_scale=1.0, task_score_fn: Callable = task_log_likelihood,
-                    sft_context: str = "prompt") -> Dict[str, jax.Array]:
-  """Both gradient scores at once (one compilation serves every rule).
+                    rule: str = "grad_norm", lora_scale=1.0,
+                    task_score_fn: Callable = task_log_likelihood,
+                    sft_context: str = "prompt") -> jax.Array:
+  """One gradient score per dream, (n,).
 
   ``g_i = grad_phi L_SFT(d_i; base + phi)|_{phi = lora0}`` for every dream as one
-  ``jax.vmap(jax.grad(L_SFT))`` (base weights broadcast), ``g_tau = grad_phi (-tau)|_{lora0}`` on
-  ``task_batch``. Returns ``{"grad_norm": ||g_i||_2, "grad_align": <g_i, g_tau> / (||g_i||
-  ||g_tau||)}``, each (n,), norms over every adapter leaf (only the B leaves are non-zero: B = 0).
+  ``jax.vmap(jax.grad(L_SFT))`` (base weights broadcast); ``grad_norm``: ``||g_i||_2``;
+  ``grad_align``: ``<g_i, g_tau> / (||g_i|| ||g_tau||)`` with ``g_tau = grad_phi (-tau)|_{lora0}``
+  on ``task_batch``. Norms over every adapter leaf (only the B leaves are non-zero: B = 0).
+  ``rule`` is static: ``grad_norm`` never runs the backward pass over the task batch (with
+  in-context task rows of a real model, the largest buffer of the round).
   """
   def grad_one(tokens, valid, cmask):
     return jax.grad(sft_loss, argnums=1)(params, lora0, cfg, slot_mask, tokens[None], valid[None],
@@ -323,11 +328,12 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
 
   g = jax.vmap(grad_one)(dreams.tokens, dreams.valid, dreams.completion_mask)
   sq = _tree_sq_norm_rows(g)
+  if rule == "grad_norm":
+    return jnp.sqrt(sq)
   g_tau = jax.grad(lambda l: -task_score_fn(params, l, cfg, slot_mask, task_batch,
                                             lora_scale=lora_scale))(lora0)
   tau_sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g_tau))
-  align = _tree_dot_rows(g, g_tau) / jnp.maximum(jnp.sqrt(sq * tau_sq), 1e-20)
-  return {"grad_norm": jnp.sqrt(sq), "grad_align": align}
+  return _tree_dot_rows(g, g_tau) / jnp.maximum(jnp.sqrt(sq * tau_sq), 1e-20)
 
 
 def score_dreams(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, rng, *,
@@ -344,8 +350,9 @@ def score_dreams(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, tas
     return jax.random.uniform(rng, (dreams.tokens.shape[0],))
   if rule not in SCORE_RULES:
     raise ValueError(f"score rule {rule!r}; valid: {SCORE_RULES}")
-  return gradient_scores(params, cfg, slot_mask, lora0, dreams, task_batch, lora_scale=lora_scale,
-                         task_score_fn=task_score_fn, sft_context=sft_context)[rule]
+  return gradient_scores(params, cfg, slot_mask, lora0, dreams, task_batch, rule=rule,
+                         lora_scale=lora_scale, task_score_fn=task_score_fn,
+                         sft_context=sft_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +383,20 @@ def select(scores: jax.Array, k: int, b: int, rng: jax.Array) -> jax.Array:
 def take(dreams: Dreams, idx) -> Dreams:
   """Rows ``idx`` of a dream batch."""
   return Dreams(*(jnp.asarray(x)[idx] for x in dreams))
+
+
+def by_rows(fn: Callable[[Dreams], Any], dreams: Dreams, rows: int):
+  """``fn(dreams)`` run on ``rows`` dreams at a time (0: all at once), outputs concatenated on
+  axis 0 (a scalar output, the same for every group, is taken from the first).
+
+  Scoring and trials vmap a backward pass of the model per dream: with a real model the number
+  in flight bounds memory. The last group is filled up with repeated rows (results dropped), so
+  every group has one shape and ``fn`` compiles once."""
+  n = int(dreams.tokens.shape[0])
+  if rows <= 0 or n <= rows:
+    return fn(dreams)
+  outs = [fn(take(dreams, np.arange(i, i + rows) % n)) for i in range(0, n, rows)]
+  return jax.tree.map(lambda *x: x[0] if jnp.ndim(x[0]) == 0 else jnp.concatenate(x)[:n], *outs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,15 +616,17 @@ class Dreamer:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
     lscale = lora_lib.scale(c.lora.alpha, c.lora.rank)
-    scores = score_dreams(self.params, cfg, self.slot_mask, lora0, dreams, task_batch, r_score,
-                          rule=c.score, lora_scale=lscale, task_score_fn=self.task_score_fn,
-                          sft_context=c.sft_context)
+    rows = int(c.get("parallel_dreams", 0))
+    scores = by_rows(lambda d: score_dreams(
+        self.params, cfg, self.slot_mask, lora0, d, task_batch, r_score, rule=c.score,
+        lora_scale=lscale, task_score_fn=self.task_score_fn, sft_context=c.sft_context),
+        dreams, 0 if c.score == "random" else rows)  # random: no gradients, one draw
     idx = select(scores, c.k, c.b, r_select)
     kept = take(dreams, idx)
-    trials = run_trials(self.params, cfg, self.slot_mask, lora0, kept, task_batch,
-                        inner_steps=c.inner_steps, inner_lr=c.inner_lr,
-                        optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
-                        task_score_fn=self.task_score_fn, sft_context=c.sft_context)
+    trials = by_rows(lambda d: run_trials(
+        self.params, cfg, self.slot_mask, lora0, d, task_batch, inner_steps=c.inner_steps,
+        inner_lr=c.inner_lr, optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
+        task_score_fn=self.task_score_fn, sft_context=c.sft_context), kept, rows)
     g = self.generator
     sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
     new_lora, new_state, rm = rest_em_round(
