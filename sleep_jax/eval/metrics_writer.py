@@ -53,7 +53,7 @@ class MetricsWriter:
       if x is None:
         continue
       record[k] = x if math.isfinite(x) else None
-      if self._tb is not None:
+      if self._tb is not None and math.isfinite(x):  # nan = not measured: no point, no warning
         self._tb.add_scalar(k, x, int(step))
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()

@@ -240,8 +240,14 @@ class MethodRun:
     # in_context="window": only the latest chunk read (t) fits the context, whatever is asked.
     window = (" ".join(d.passage for d in self.chunks[t])
               if self.spec.get("in_context") == "window" else None)
+    rows = self.config.eval.get("rows", "all")
+    if rows not in ("all", "latest"):
+      raise ValueError(f"eval.rows={rows!r}; valid: 'all', 'latest'")
     row, recs = [], []
-    for docs in self.chunks:
+    for j, docs in enumerate(self.chunks):
+      if rows == "latest" and j != t % self.T:
+        row.append(float("nan"))  # not scored: only the chunk just learnt (R's diagonal)
+        continue
       if not any(d.eval_questions for d in docs):
         row.append(float("nan"))  # nothing to score (a story chunk no end query points to)
         continue
@@ -466,10 +472,15 @@ class MethodRun:
     # Dream-generator training before the stream, one checkpointed step per training task.
     gsteps = (int(self.config.get("generator_training", {}).get("epochs", 0))
               * len(self.setup.generator_docs) if self.uses_generator() else 0)
-    while pos.get("generator_step", 0) < gsteps:
-      pos["generator_info"].append(self.generator_step(params, mask, pos["generator_step"]))
-      pos.update(generator_step=pos["generator_step"] + 1, counter=pos["counter"] + 1)
-      ckpt.save(pos["counter"], self._state(params, mask), position=pos)
+    if pos.get("generator_step", 0) < gsteps:
+      gbar = progress(total=gsteps, desc=f"{self.method} seed {self.seed} dream generator",
+                      initial=pos.get("generator_step", 0))
+      while pos.get("generator_step", 0) < gsteps:
+        pos["generator_info"].append(self.generator_step(params, mask, pos["generator_step"]))
+        pos.update(generator_step=pos["generator_step"] + 1, counter=pos["counter"] + 1)
+        ckpt.save(pos["counter"], self._state(params, mask), position=pos)
+        gbar.update(1)
+      gbar.close()
     reset = bool(self.config.get("reset_between_chunks", False))
     bar = progress(total=self.T * len(PHASES), desc=f"{self.method} seed {self.seed}",
                    initial=pos["chunk"] * len(PHASES) + pos["phase"])
@@ -496,7 +507,9 @@ class MethodRun:
       elif ph == "eval":
         row, answers = self.eval_row(params, mask, t)
         R.append(row)
-        pos["answers"] = answers  # the latest row's per-question answers
+        # Per-question answers of the latest row (eval.rows="latest": of every chunk's own row).
+        latest = self.config.eval.get("rows", "all") == "latest"
+        pos["answers"] = pos["answers"] + answers if latest else answers
       info[t][f"seconds_{ph}"] = time.perf_counter() - t0
       pos["phase"] += 1
       if pos["phase"] == len(PHASES):
@@ -657,6 +670,7 @@ def arc_setup(c, corpus=None):
       corpus.check_disjoint(int(a.seed), len(tasks))
   else:
     raise ValueError(f"data.arc.tasks={a.tasks!r}; valid: 'seal', 'generated'")
+  split = _split_subset(split, tuple(a.get("train_ids", ())), tuple(a.get("eval_ids", ())))
   # Word-level models read WORDS (their tokenizer drops newlines); BPE/chat models COMPACT.
   text = arc.COMPACT if c.model_source == "gguf" else arc.WORDS
   mk = lambda ids: arc.arc_documents([tasks[i] for i in ids], text,
@@ -671,6 +685,19 @@ def arc_setup(c, corpus=None):
     return arc.arc_documents(vs + arc.augment(t, rng, n), text)
 
   return chunks, mk(split.train_ids), variants
+
+
+def _split_subset(split, train_ids: Sequence[str], eval_ids: Sequence[str]):
+  """``split`` restricted to ``data.arc.train_ids`` / ``eval_ids`` (empty: all of that side), in
+  the order given; an id that is not on that side of the split is an error, so a subset can
+  never move a held-out task into dream-generator training."""
+  from sleep_jax.data import arc
+  for name, ids, side in (("train_ids", train_ids, split.train_ids),
+                          ("eval_ids", eval_ids, split.eval_ids)):
+    bad = [i for i in ids if i not in side]
+    if bad:
+      raise ValueError(f"data.arc.{name} {bad} are not {name} of the split; valid: {list(side)}")
+  return arc.Split(tuple(train_ids) or split.train_ids, tuple(eval_ids) or split.eval_ids)
 
 
 def run_experiment(config, workdir: str, hook=None, log=print) -> Dict[str, Any]:
