@@ -510,6 +510,9 @@ class MethodRun:
         # Per-question answers of the latest row (eval.rows="latest": of every chunk's own row).
         latest = self.config.eval.get("rows", "all") == "latest"
         pos["answers"] = pos["answers"] + answers if latest else answers
+      # Dispatch is asynchronous: without the wait a phase's compute would be billed to the
+      # checkpoint save after it.
+      jax.block_until_ready((params, mask))
       info[t][f"seconds_{ph}"] = time.perf_counter() - t0
       pos["phase"] += 1
       if pos["phase"] == len(PHASES):
