@@ -166,15 +166,15 @@ def test_vmapped_trials_match_sequential(setup):
 
 def test_dreams_in_groups_equal_all_at_once(setup):
   """``parallel_dreams`` (memory bound on real models) changes nothing but the grouping: 4 dreams
-  as a group of 3 and a filled-up group of 1 give the scores and trials of one vmap."""
+  as a group of 3 and a group of 1 give the scores and trials of one vmap."""
   params, mask, dreams, task, lora0, _ = setup
-  score = lambda d: D.score_dreams(params, CFG, mask, lora0, d, task, key(0), rule="grad_norm",
-                                   lora_scale=SCALE)
-  np.testing.assert_allclose(D.by_rows(score, dreams, 3), score(dreams), rtol=1e-5)
+  score = lambda p: D.score_dreams(params, CFG, mask, lora0, dreams, task, key(0),
+                                   rule="grad_norm", lora_scale=SCALE, parallel=p)
+  np.testing.assert_allclose(score(3), score(0), rtol=1e-5)
   kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=D.task_log_likelihood,
             sft_context="prompt", **INNER)
-  trials = lambda d: D.run_trials(params, CFG, mask, lora0, d, task, **kw)
-  whole, grouped = trials(dreams), D.by_rows(trials, dreams, 3)
+  trials = lambda p: D.run_trials(params, CFG, mask, lora0, dreams, task, parallel=p, **kw)
+  whole, grouped = trials(0), trials(3)
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(grouped)):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -214,6 +214,9 @@ class MethodRun:
     self.chunks = setup.chunks
     self.T = len(self.chunks)
     self.schedule = sleep_schedule(config, self.spec, self.cfg.n_levels)
+    self.eval_rows = config.eval.get("rows", "all")
+    if self.eval_rows not in ("all", "latest"):
+      raise ValueError(f"eval.rows={self.eval_rows!r}; valid: 'all', 'latest'")
 
   # --- evaluation ----------------------------------------------------------------------------
   def answer(self, params, mask, docs, in_context: bool, train: bool = False,
@@ -240,12 +243,9 @@ class MethodRun:
     # in_context="window": only the latest chunk read (t) fits the context, whatever is asked.
     window = (" ".join(d.passage for d in self.chunks[t])
               if self.spec.get("in_context") == "window" else None)
-    rows = self.config.eval.get("rows", "all")
-    if rows not in ("all", "latest"):
-      raise ValueError(f"eval.rows={rows!r}; valid: 'all', 'latest'")
     row, recs = [], []
     for j, docs in enumerate(self.chunks):
-      if rows == "latest" and j != t % self.T:
+      if self.eval_rows == "latest" and j != t % self.T:
         row.append(float("nan"))  # not scored: only the chunk just learnt (R's diagonal)
         continue
       if not any(d.eval_questions for d in docs):
@@ -508,8 +508,7 @@ class MethodRun:
         row, answers = self.eval_row(params, mask, t)
         R.append(row)
         # Per-question answers of the latest row (eval.rows="latest": of every chunk's own row).
-        latest = self.config.eval.get("rows", "all") == "latest"
-        pos["answers"] = pos["answers"] + answers if latest else answers
+        pos["answers"] = pos["answers"] + answers if self.eval_rows == "latest" else answers
       # Dispatch is asynchronous: without the wait a phase's compute would be billed to the
       # checkpoint save after it.
       jax.block_until_ready((params, mask))

@@ -307,12 +307,24 @@ def _tree_dot_rows(g, h):
              for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(h)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rule", "task_score_fn", "sft_context"))
+def _per_dream(fn: Callable, dreams: Dreams, parallel: int):
+  """``fn(tokens, valid, cmask)`` for every dream: one ``jax.vmap`` (``parallel`` 0), or
+  ``lax.map`` over groups of ``parallel`` vmapped dreams. Each dream in flight holds a backward
+  pass of the model, so on a real model ``parallel`` bounds memory; shared work (``g_tau``,
+  ``tau(base)``) stays outside, computed once."""
+  xs = (dreams.tokens, dreams.valid, dreams.completion_mask)
+  if parallel <= 0:
+    return jax.vmap(fn)(*xs)
+  return jax.lax.map(lambda x: fn(*x), xs, batch_size=parallel)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rule", "task_score_fn", "sft_context",
+                                             "parallel"))
 def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, *,
                     rule: str = "grad_norm", lora_scale=1.0,
                     task_score_fn: Callable = task_log_likelihood,
-                    sft_context: str = "prompt") -> jax.Array:
-  """One gradient score per dream, (n,).
+                    sft_context: str = "prompt", parallel: int = 0) -> jax.Array:
+  """One gradient score per dream, (n,) (``parallel``: dreams per vmap, ``_per_dream``).
 
   ``g_i = grad_phi L_SFT(d_i; base + phi)|_{phi = lora0}`` for every dream as one
   ``jax.vmap(jax.grad(L_SFT))`` (base weights broadcast); ``grad_norm``: ``||g_i||_2``;
@@ -326,7 +338,7 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
                                          cmask[None], lora_scale=lora_scale,
                                          sft_context=sft_context)
 
-  g = jax.vmap(grad_one)(dreams.tokens, dreams.valid, dreams.completion_mask)
+  g = _per_dream(grad_one, dreams, parallel)
   sq = _tree_sq_norm_rows(g)
   if rule == "grad_norm":
     return jnp.sqrt(sq)
@@ -338,7 +350,8 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
 
 def score_dreams(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, rng, *,
                  rule: str = "grad_norm", lora_scale=1.0,
-                 task_score_fn: Callable = task_log_likelihood, sft_context: str = "prompt"):
+                 task_score_fn: Callable = task_log_likelihood, sft_context: str = "prompt",
+                 parallel: int = 0):
   """Importance score per dream (n,), higher = keep (jittable with ``rule`` static).
 
   * ``grad_norm``:  ``s_i = ||g_i||_2`` with ``g_i = grad_phi L_SFT(d_i)`` at the fresh adapter;
@@ -352,7 +365,7 @@ def score_dreams(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, tas
     raise ValueError(f"score rule {rule!r}; valid: {SCORE_RULES}")
   return gradient_scores(params, cfg, slot_mask, lora0, dreams, task_batch, rule=rule,
                          lora_scale=lora_scale, task_score_fn=task_score_fn,
-                         sft_context=sft_context)
+                         sft_context=sft_context, parallel=parallel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,20 +396,6 @@ def select(scores: jax.Array, k: int, b: int, rng: jax.Array) -> jax.Array:
 def take(dreams: Dreams, idx) -> Dreams:
   """Rows ``idx`` of a dream batch."""
   return Dreams(*(jnp.asarray(x)[idx] for x in dreams))
-
-
-def by_rows(fn: Callable[[Dreams], Any], dreams: Dreams, rows: int):
-  """``fn(dreams)`` run on ``rows`` dreams at a time (0: all at once), outputs concatenated on
-  axis 0 (a scalar output, the same for every group, is taken from the first).
-
-  Scoring and trials vmap a backward pass of the model per dream: with a real model the number
-  in flight bounds memory. The last group is filled up with repeated rows (results dropped), so
-  every group has one shape and ``fn`` compiles once."""
-  n = int(dreams.tokens.shape[0])
-  if rows <= 0 or n <= rows:
-    return fn(dreams)
-  outs = [fn(take(dreams, np.arange(i, i + rows) % n)) for i in range(0, n, rows)]
-  return jax.tree.map(lambda *x: x[0] if jnp.ndim(x[0]) == 0 else jnp.concatenate(x)[:n], *outs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,22 +444,22 @@ def _trial(params, cfg, slot_mask, lora0, tokens, valid, cmask, task_batch, inne
 _TRIAL_STATIC = ("cfg", "inner_steps", "optimizer", "task_score_fn", "sft_context")
 
 
-@functools.partial(jax.jit, static_argnames=_TRIAL_STATIC)
+@functools.partial(jax.jit, static_argnames=_TRIAL_STATIC + ("parallel",))
 def run_trials(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, *,
                inner_steps: int, inner_lr, optimizer: str = "adam", lora_scale=1.0, margin=0.0,
                task_score_fn: Callable = task_log_likelihood,
-               sft_context: str = "prompt") -> TrialOutput:
+               sft_context: str = "prompt", parallel: int = 0) -> TrialOutput:
   """All isolated trials at once: ``phi_i = SFT^{inner_steps}(phi_0; d_i)``, ``tau_i = tau(phi_i)``.
 
   One ``jax.vmap`` over dreams of the trial (a ``lax.fori_loop`` of optax steps) inside this one
   jitted function; ``params``, ``lora0`` and ``task_batch`` are unbatched (``in_axes=None``), so
-  the frozen base is shared, not copied per dream. Rewards:
+  the frozen base is shared, not copied per dream (``parallel``: dreams per vmap). Rewards:
   ``r_i = 1[tau_i > tau(base) + margin]`` with ``tau(base)`` the model without adapter.
   """
   fn = functools.partial(_trial, inner_steps=inner_steps, optimizer=optimizer,
                          task_score_fn=task_score_fn, sft_context=sft_context)
   one = lambda t, v, c: fn(params, cfg, slot_mask, lora0, t, v, c, task_batch, inner_lr, lora_scale)
-  adapted, scores = jax.vmap(one)(dreams.tokens, dreams.valid, dreams.completion_mask)
+  adapted, scores = _per_dream(one, dreams, parallel)
   base = task_score_fn(params, None, cfg, slot_mask, task_batch, lora_scale=lora_scale)
   return TrialOutput(adapted, scores, base, rewards_from_scores(scores, base, margin))
 
@@ -616,17 +615,17 @@ class Dreamer:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
     lscale = lora_lib.scale(c.lora.alpha, c.lora.rank)
-    rows = int(c.get("parallel_dreams", 0))
-    scores = by_rows(lambda d: score_dreams(
-        self.params, cfg, self.slot_mask, lora0, d, task_batch, r_score, rule=c.score,
-        lora_scale=lscale, task_score_fn=self.task_score_fn, sft_context=c.sft_context),
-        dreams, 0 if c.score == "random" else rows)  # random: no gradients, one draw
+    parallel = int(c.get("parallel_dreams", 0))
+    scores = score_dreams(self.params, cfg, self.slot_mask, lora0, dreams, task_batch, r_score,
+                          rule=c.score, lora_scale=lscale, task_score_fn=self.task_score_fn,
+                          sft_context=c.sft_context, parallel=parallel)
     idx = select(scores, c.k, c.b, r_select)
     kept = take(dreams, idx)
-    trials = by_rows(lambda d: run_trials(
-        self.params, cfg, self.slot_mask, lora0, d, task_batch, inner_steps=c.inner_steps,
-        inner_lr=c.inner_lr, optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
-        task_score_fn=self.task_score_fn, sft_context=c.sft_context), kept, rows)
+    trials = run_trials(self.params, cfg, self.slot_mask, lora0, kept, task_batch,
+                        inner_steps=c.inner_steps, inner_lr=c.inner_lr,
+                        optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
+                        task_score_fn=self.task_score_fn, sft_context=c.sft_context,
+                        parallel=parallel)
     g = self.generator
     sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
     new_lora, new_state, rm = rest_em_round(
