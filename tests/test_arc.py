@@ -202,3 +202,30 @@ def test_exact_match_keeps_grid_shape():
     em = score_answers([arc.grid_to_text(b, fmt), arc.grid_to_text(a, fmt)],
                        [[arc.grid_to_text(a, fmt)]] * 2)["em"]
     assert em.tolist() == [0.0, 1.0]
+
+
+def test_partial_credit_reads_the_first_grid_of_a_free_form_answer():
+  gold = np.array([[0, 8, 0], [8, 8, 0]], np.uint8)
+  for fmt in (arc.COMPACT, arc.WORDS):
+    g = arc.grid_to_text(gold, fmt)
+    wrong = arc.grid_to_text(np.array([[0, 8, 0], [8, 8, 8]], np.uint8), fmt)
+    assert arc.grid_credit(g, gold, fmt) == (True, 1.0)
+    # Wrapped in the demonstration format and repeated: the first grid counts, also where it
+    # shares its first line with a label (COMPACT) or its rows run into text (WORDS).
+    for wrapped in (fmt.block_sep.join(["O:", wrong, "O:", g]), "O: " + wrong + " ; O: " + g):
+      assert arc.first_grid(wrapped, fmt).tolist() == [[0, 8, 0], [8, 8, 8]]
+      assert arc.grid_credit(wrapped, gold, fmt) == (True, 5 / 6)
+    assert arc.grid_credit(arc.grid_to_text(gold.T, fmt), gold, fmt) == (False, 0.0)
+  for no_grid in ("The answer is a random number.", "", "010\n01"):
+    assert arc.first_grid(no_grid) is None
+    assert arc.grid_credit(no_grid, gold) == (False, 0.0)
+
+
+def test_partial_credit_needs_every_task_answered():
+  from sleep_jax.sleep.cycle import arc_credit
+  fmt = arc.COMPACT
+  ans = lambda doc, pred, gold: {"doc": doc, "pred": pred, "gold": [gold]}
+  answers = [ans("a", "01\n10", "01\n10"), ans("b", "11\n10", "01\n10"), ans("b", "0", "01\n10")]
+  # Task a: right shape, all cells; task b: mean of (right shape, 3/4 cells) and (wrong shape, 0).
+  assert arc_credit(answers, ["a", "b"], fmt) == {"shape_right": 0.75, "cells_right": 0.6875}
+  assert all(np.isnan(v) for v in arc_credit(answers, ["a", "b", "c"], fmt).values())

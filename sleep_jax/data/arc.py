@@ -536,6 +536,39 @@ def arc_documents(tasks: Iterable[Task], fmt: GridText = COMPACT,
   return docs
 
 
+def first_grid(text: str, fmt: GridText = COMPACT) -> Optional[Grid]:
+  """The first grid in a model's free-form answer: the first run of rows made of digits only,
+  where the first row may follow other text on its line and the last may run into text
+  (``"O: 080\n880\nO: ..."`` holds the 2x3 ``080/880``). ``None`` when there are no digits or the
+  run is ragged."""
+  cells = lambda r: [int(ch) for ch in r if not ch.isspace()]
+  run: List[List[int]] = []
+  for seg in text.split(_row_marker(fmt)):
+    if re.fullmatch(r"[\d\s]*\d[\d\s]*", seg):
+      run.append(cells(seg))
+    elif run:
+      head = re.match(r"\s*\d[\d\s]*", seg)
+      if head:
+        run.append(cells(head.group()))
+      break
+    elif tail := re.search(r"\d[\d\s]*$", seg):
+      run.append(cells(tail.group()))
+  if not run or len({len(c) for c in run}) != 1:
+    return None
+  return np.asarray(run, dtype=np.uint8)
+
+
+def grid_credit(pred: str, gold, fmt: GridText = COMPACT) -> Tuple[bool, float]:
+  """Partial credit below exact match: ``(shape_right, cells_right)`` for the first grid of the
+  answer (``first_grid``) against ``gold``; ``cells_right`` is the fraction of gold cells
+  reproduced, 0 when the shape is wrong (cells of differently shaped grids do not correspond)."""
+  gold = as_grid(gold)
+  g = first_grid(pred, fmt)
+  if g is None or g.shape != gold.shape:
+    return False, 0.0
+  return True, float(np.mean(g == gold))
+
+
 def answer_correct(pred: str, gold: Grid, fmt: GridText = COMPACT) -> bool:
   """ARC's metric: the predicted grid equals the gold grid exactly (shape and every cell)."""
   try:

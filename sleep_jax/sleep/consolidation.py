@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sleep_jax.eval import metrics_writer
 from sleep_jax.losses import rewards as rewards_lib
 from sleep_jax.losses import rl
 from sleep_jax.losses.common import prediction_mask, sanitize, token_mean
@@ -291,11 +292,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
 
   history = []
   steps = int(kcfg.steps)
-  it = range(steps)
-  if progress:
-    from tqdm import auto as tqdm
-    it = tqdm.tqdm(it, desc="consolidation", leave=False)
-  for i in it:
+  for i in metrics_writer.progress(range(steps), desc="knowledge seeding", leave=False,
+                                   enabled=None if progress else False):
     t_idx = i % len(teachers)
     teacher = teachers[t_idx]
     items = host_rng.integers(0, n_items, size=B)
