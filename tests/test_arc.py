@@ -227,5 +227,8 @@ def test_partial_credit_needs_every_task_answered():
   ans = lambda doc, pred, gold: {"doc": doc, "pred": pred, "gold": [gold]}
   answers = [ans("a", "01\n10", "01\n10"), ans("b", "11\n10", "01\n10"), ans("b", "0", "01\n10")]
   # Task a: right shape, all cells; task b: mean of (right shape, 3/4 cells) and (wrong shape, 0).
-  assert arc_credit(answers, ["a", "b"], fmt) == {"shape_right": 0.75, "cells_right": 0.6875}
+  assert arc_credit(answers, ["a", "b"], fmt) == {"grid_exact": 0.5, "shape_right": 0.75,
+                                                  "cells_right": 0.6875}
+  # A right grid followed by more text: wrong for the strict em, right for grid_exact.
+  assert arc_credit([ans("a", "01\n10\n\nI:\n11", "01\n10")], ["a"], fmt)["grid_exact"] == 1.0
   assert all(np.isnan(v) for v in arc_credit(answers, ["a", "b", "c"], fmt).values())

@@ -695,18 +695,22 @@ def arc_text_format(model_source: str):
 
 
 def arc_credit(answers: Sequence[Dict], task_ids: Sequence[str], fmt) -> Dict[str, float]:
-  """Partial credit of per-task answers (``arc.grid_credit``), mean over a task's test inputs
-  and then over tasks: ``shape_right`` and ``cells_right``. NaN unless ``answers`` cover every
-  task in ``task_ids`` (a run's answers are each task's own only with ``eval.rows="latest"``)."""
+  """Credit of per-task answers judged by their first grid (``arc.grid_credit``), mean over a
+  task's test inputs and then over tasks: ``grid_exact`` (ARC's metric with the answer grid
+  parsed out of the text: a right grid followed by more text counts, unlike the strict ``em``),
+  ``shape_right`` and ``cells_right``. NaN unless ``answers`` cover every task in ``task_ids``
+  (a run's answers are each task's own only with ``eval.rows="latest"``)."""
   from sleep_jax.data import arc
   per: Dict[str, List] = {}
   for a in answers:
     gold = arc.text_to_grid(a["gold"][0], fmt)
-    per.setdefault(a["doc"], []).append(arc.grid_credit(a["pred"], gold, fmt))
+    shape, cells = arc.grid_credit(a["pred"], gold, fmt)
+    per.setdefault(a["doc"], []).append((cells == 1.0, shape, cells))
+  keys = ("grid_exact", "shape_right", "cells_right")
   if set(per) != set(task_ids):
-    return {"shape_right": float("nan"), "cells_right": float("nan")}
+    return {k: float("nan") for k in keys}
   return {k: float(np.mean([np.mean([c[i] for c in per[t]]) for t in task_ids]))
-          for i, k in enumerate(("shape_right", "cells_right"))}
+          for i, k in enumerate(keys)}
 
 
 def copy_input_answers(answers: Sequence[Dict]) -> List[Dict]:
@@ -765,7 +769,8 @@ TABLE = (("closed_book_final", "closed-book (final)"), ("acquisition", "closed-b
 # Few-shot ARC (per-task protocol): the success rate is R's diagonal, each held-out task scored
 # (demonstrations in the prompt) right after its own sleep.
 ARC_TABLE = (("acquisition", "held-out tasks solved"), ("wake_in_context", "ICL before sleep"),
-             ("shape_right", "answer of the right shape"), ("cells_right", "cells right"))
+             ("grid_exact", "first grid exact"), ("shape_right", "answer of the right shape"),
+             ("cells_right", "cells right"))
 
 
 def arc_task_table(results) -> str:
@@ -814,8 +819,8 @@ def write_outputs(results, workdir) -> str:
       ref = arc_credit(copy_input_answers(runs[0]["answers"]), ids, fmt)
       md += ["", f"Partial credit: the first grid of each answer; cells count only in a grid of "
              f"the right shape. Reference: answering with the test input itself scores "
-             f"{100 * ref['shape_right']:.1f}% right shape, {100 * ref['cells_right']:.1f}% "
-             f"cells right."]
+             f"{100 * ref['grid_exact']:.1f}% first grid exact, {100 * ref['shape_right']:.1f}% "
+             f"right shape, {100 * ref['cells_right']:.1f}% cells right."]
     md += ["", "Dream-generator training tasks: " + " ".join(results["generator_tasks"]), "",
            "Per held-out task (fraction of seeds solved):", "", arc_task_table(results)]
     text = "\n".join(md)
