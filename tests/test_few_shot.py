@@ -49,6 +49,9 @@ def test_arc_runs_end_to_end(tmp_path, base_cache):
     # Credit of those answers' first grids; the strict em is the strictest case.
     m = r["metrics"]
     assert m["acquisition"] <= m["grid_exact"] <= m["cells_right"] <= m["shape_right"]
+    for i in r["info"]:  # accepted dreams: the model's own and the task variants offered
+      assert 0 <= i.get("dreams_accepted_own", 0) <= i.get("dreams_accepted", 0)
+    assert ("dreams_accepted_own" in r["info"][0]) == (name == "sleep")
     # Only the methods that dream train the generator first, one step per training task.
     n_gen = 2 if name in ("seal", "sleep") else 0
     assert len(r["generator_info"]) == n_gen

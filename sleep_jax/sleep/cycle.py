@@ -343,6 +343,8 @@ class MethodRun:
       self.generator = res.generator  # per-task reset: every task starts from the trained one
     self.hook("dreaming", t, 0)
     info = {"dreams_accepted": len(res),
+            # of them written by the model (the rest are the task variants it was offered)
+            "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
             "dream_acceptance": float(np.mean([m["acceptance_rate"] for m in res.metrics]))
             if res.metrics else 0.0}
     expands = self.spec.get("consolidation") is not None
