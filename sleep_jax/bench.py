@@ -19,7 +19,9 @@ Parts (``PARTS``), each a function ``part(ctx) -> dict`` recorded under ``parts.
   torch/transformers are installed; at batch 1 the memory-bandwidth bound.
 * ``on_policy_step``: one on-policy distillation iteration (student sample, teacher forward,
   student update through ``consolidation.ks_loss``) on the tiny model, timed per part, and
-  ``consolidation.seed_knowledge``'s own per-step time for comparison.
+  ``consolidation.seed_knowledge``'s own per-step time for comparison; and at the real-ARC
+  shape (SmolLM2-135M), the output head and loss over the completion window only vs over the
+  whole sequence (``logits_window``: compiled memory and time of both, same run).
 * ``dream_trials``: ``dreaming.benchmark_trials`` (m vmapped LoRA trials vs one by one).
 * ``sharding``: compiled per-device memory of a ~1B-parameter train step on 1 and 8 (fake)
   devices with FSDP (lower + compile only; the 8-device part runs in a subprocess).
@@ -735,13 +737,13 @@ def part_on_policy_step(ctx: Context) -> Dict[str, Any]:
     t1 = time.perf_counter()
     t_tokens = jnp.concatenate([t_prompts, ct], 1)
     t_valid = jnp.concatenate([jnp.ones((B, t_len), bool), cl], 1)
-    t_logits = _block(cons._forward(params, t_tokens, t_valid, t_mask, cfg))
+    t_logits = _block(cons.completion_logits(params, t_tokens, t_valid, t_mask, cfg, t_len))
     t2 = time.perf_counter()
     batch = _block({
         "on_tokens": jnp.concatenate([s_prompts, ct], 1),
         "on_valid": jnp.concatenate([jnp.ones((B, s_len), bool), cl], 1),
         "on_completion_mask": jnp.concatenate([jnp.zeros((B, s_len), bool), cl], 1),
-        "on_teacher_logits": cons.align_teacher_logits(t_logits, t_len, s_len)})
+        "on_teacher_logits": t_logits})
     t3 = time.perf_counter()
     batch_holder["batch"] = batch
     holder["st"], metrics = step_fn(holder["st"], batch)
@@ -803,6 +805,64 @@ def part_on_policy_step(ctx: Context) -> Dict[str, Any]:
     out["seed_knowledge_note"] = ("consolidation.seed_knowledge's step-to-step time (bucketed "
                                   "prompt widths, host-side batching and float() of metrics "
                                   "included; prompts padded to multiples of 16)")
+  out["logits_window"] = _ks_window(ctx)
+  return out
+
+
+def _ks_window(ctx: Context) -> Dict[str, Any]:
+  """The consolidation step at the real-ARC shape (SmolLM2-135M, 4 sequences of a 704-token
+  prompt + 128 completion tokens): the output head and the KS loss over the completion window
+  only (what ``ks_loss`` does) vs over every position (teacher logits zero-padded over the
+  prompt, which makes ``ks_loss`` take the whole sequence: what it did before). Same function,
+  same run: compiled memory (arguments + temporaries + outputs) and best wall time of the
+  teacher forward and of the student's loss gradient."""
+  from sleep_jax.model import config as mcfg
+  from sleep_jax.model import transformer
+  from sleep_jax.sleep import consolidation as cons
+
+  if ctx.quick:
+    cfg, B, P, N = mcfg.tiny(), 2, 48, 8
+    params = transformer.init(jax.random.key(0), cfg)
+  else:
+    cfg, params, _ = _smollm2(False)
+    B, P, N = 4, 704, 128
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (B, P + N)), jnp.int32)
+  valid = jnp.ones((B, P + N), bool)
+  comp = jnp.concatenate([jnp.zeros((B, P), bool), jnp.ones((B, N), bool)], 1)
+  mask = transformer.slot_mask_none(cfg)
+  kcfg = cons.variant("opsd_expansion")
+
+  def teacher(start):
+    return jax.jit(lambda p: transformer.apply(p, tokens, cfg, valid=valid, slot_mask=mask,
+                                               logits_from=start)[0])
+
+  window = _block(teacher(P - 1)(params))
+  full = jnp.concatenate([jnp.zeros((B, P - 1, cfg.vocab_size), jnp.float32), window], 1)
+
+  def grad_fn(t_logits):
+    batch = {"on_tokens": tokens, "on_valid": valid, "on_completion_mask": comp,
+             "on_teacher_logits": t_logits, "slot_mask": mask}
+    loss = lambda p: cons.ks_loss(
+        p, batch, None, cfg=cfg, alpha=float(kcfg.alpha), lam=float(kcfg.lam),
+        divergence=kcfg.divergence, divergence_kwargs=dict(kcfg.divergence_kwargs),
+        temperature=float(kcfg.temperature), advantage=kcfg.advantage)[0]
+    return jax.jit(jax.grad(loss))
+
+  out = {"model": "tiny" if ctx.quick else "smollm2_135m", "batch": B, "prompt_len": P,
+         "new_tokens": N, "vocab": cfg.vocab_size}
+  for name, t_fn, g_fn in (("window", teacher(P - 1), grad_fn(window)),
+                           ("full", teacher(0), grad_fn(full))):
+    row = {}
+    for what, fn in (("teacher_forward", t_fn), ("student_grad", g_fn)):
+      row[what + "_peak_bytes"] = _memory(fn.lower(params).compile().memory_analysis())[
+          "peak_estimate"]
+      row[what + "_s"] = timeit(lambda: fn(params), 1 if ctx.quick else 2)["best_s"]
+    out[name] = row
+  for what in ("teacher_forward", "student_grad"):
+    out[what + "_speedup"] = out["full"][what + "_s"] / out["window"][what + "_s"]
+    out[what + "_memory_ratio"] = (out["full"][what + "_peak_bytes"]
+                                   / max(out["window"][what + "_peak_bytes"], 1))
   return out
 
 
@@ -1118,6 +1178,14 @@ def summary_markdown(res: Dict[str, Any]) -> str:
                  f"{ps['teacher_forward']:.3f} / {ps['assemble']:.3f} / "
                  f"{ps['student_update']:.3f}); seed_knowledge step "
                  f"{_fmt(op.get('seed_knowledge_step_s'))} s |")
+  lw = op.get("logits_window") or {}
+  if "student_grad_speedup" in lw:
+    lines.append(f"| on_policy_step {lw['model']} b{lw['batch']} prompt {lw['prompt_len']} + "
+                 f"{lw['new_tokens']} | head over the whole sequence / the completion window: "
+                 f"teacher forward, student gradient (time; compiled memory) | "
+                 f"x{lw['teacher_forward_speedup']:.2f}, x{lw['student_grad_speedup']:.2f}; "
+                 f"x{lw['teacher_forward_memory_ratio']:.1f}, "
+                 f"x{lw['student_grad_memory_ratio']:.1f} |")
   sc = parts.get("sleep_compile_cache") or {}
   if "speedup" in sc:
     lines.append(f"| sleep_compile_cache tiny | first / later sleep s, memo kept / emptied, "

@@ -132,3 +132,40 @@ def test_episodic_memory_replay_and_roundtrip():
   assert [e.id for e in picked[:2]] == ["4", "5"] and len(picked) == 4
   assert all(e.cycle < 2 for e in picked[2:])
   assert EpisodicMemory.from_json(m.to_json()).episodes == m.episodes
+
+
+@pytest.mark.parametrize("alpha,lam", [(1.0, 0.5), (0.5, 1.0)])
+def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha, lam):
+  """``seed_knowledge`` hands ``ks_loss`` the teacher's logits on the completion window only, so
+  the output head never runs over the prompt. The loss and gradient must be those of the whole
+  sequence with the prompt masked out (teacher logits zero-padded over it)."""
+  rng = np.random.default_rng(0)
+  B, Pt, Ps, N = 3, 9, 6, 4
+  mask = T.slot_mask_none(kv.CFG)
+  live = jnp.asarray(np.arange(N)[None, :] < np.array([[4], [2], [3]]))  # completions end early
+  batch = {"slot_mask": mask}
+  for side in ("off", "on"):
+    comp = jnp.asarray(rng.integers(3, kv.CFG.vocab_size, (B, N)), jnp.int32)
+    t_tok = jnp.concatenate([jnp.asarray(rng.integers(3, kv.CFG.vocab_size, (B, Pt))), comp], 1)
+    t_val = jnp.concatenate([jnp.ones((B, Pt), bool), live], 1)
+    batch[f"{side}_tokens"] = jnp.concatenate(
+        [jnp.asarray(rng.integers(3, kv.CFG.vocab_size, (B, Ps))), comp], 1).astype(jnp.int32)
+    batch[f"{side}_valid"] = jnp.concatenate([jnp.ones((B, Ps), bool), live], 1)
+    batch[f"{side}_completion_mask"] = jnp.concatenate([jnp.zeros((B, Ps), bool), live], 1)
+    batch[f"{side}_teacher_logits"] = C.completion_logits(base, t_tok, t_val, mask, kv.CFG, Pt)
+  batch["on_rewards"] = jnp.asarray([1.0, 0.2, 0.5])
+  assert batch["on_teacher_logits"].shape == (B, N + 1, kv.CFG.vocab_size)
+  whole = dict(batch)
+  for side in ("off", "on"):
+    pad = jnp.zeros((B, Ps - 1, kv.CFG.vocab_size), jnp.float32)
+    whole[f"{side}_teacher_logits"] = jnp.concatenate([pad, batch[f"{side}_teacher_logits"]], 1)
+
+  def loss(b):
+    return jax.value_and_grad(lambda p: C.ks_loss(
+        p, b, None, cfg=kv.CFG, alpha=alpha, lam=lam, divergence="fkl", divergence_kwargs={},
+        temperature=1.0, advantage="reinforce")[0])(base)
+
+  (lw, gw), (lf, gf) = loss(batch), loss(whole)
+  assert np.isfinite(float(lw)) and float(lw) != 0.0
+  np.testing.assert_allclose(float(lw), float(lf), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), gw, gf)

@@ -179,3 +179,11 @@ def test_config_validation():
     config.tiny(n_experts=(1, 1, 1))
   with pytest.raises(ValueError, match="unknown model config keys"):
     config.ModelConfig.from_config({"d_modle": 3})
+
+
+def test_output_head_from_a_position_equals_the_tail_of_the_full_forward(params):
+  toks, valid = _mixed_batch()
+  full, _ = T.apply(params, toks, CFG, valid=valid)
+  tail, _ = T.apply(params, toks, CFG, valid=valid, logits_from=8)
+  assert tail.shape == (3, 4, CFG.vocab_size)
+  np.testing.assert_allclose(tail, full[:, 8:], rtol=1e-5, atol=1e-6)

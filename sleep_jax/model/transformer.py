@@ -217,7 +217,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
           slot_mask: Optional[jax.Array] = None, valid: Optional[jax.Array] = None,
           cache: Optional[Cache] = None, lora: Optional[Params] = None, lora_scale: float = 1.0,
           route_rng: Optional[jax.Array] = None,
-          return_hidden: bool = False) -> Tuple[jax.Array, Optional[Cache]]:
+          return_hidden: bool = False,
+          logits_from: int = 0) -> Tuple[jax.Array, Optional[Cache]]:
   """Logits for ``tokens`` (B, T). Returns ``(logits, new_cache)`` (``new_cache`` is None
   without a cache).
 
@@ -228,6 +229,9 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     lora: optional LoRA pytree (``lora.py``) on q/k/v/o and the slowest level's dense MLP.
     route_rng: when given, every CMS router also turns on one random extra expert (dreaming).
     return_hidden: return the final normalised hidden states instead of logits.
+    logits_from: (static) only positions ``>= logits_from`` reach the output head, which then
+      has ``T - logits_from`` positions. A distillation loss that reads the completion only
+      needs no (B, T, V) logits over a long prompt (on a 49k vocabulary those dominate memory).
   """
   B, T = tokens.shape
   dt = jnp.dtype(cfg.dtype)
@@ -307,7 +311,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     xs["lora"] = lora
   h, new_kv = jax.lax.scan(layer, x, xs)
 
-  h = rms_norm(h, params["final_norm"], cfg.norm_eps)
+  h = rms_norm(h[:, logits_from:], params["final_norm"], cfg.norm_eps)
   if return_hidden:
     out = h
   else:

@@ -137,29 +137,33 @@ def ks_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float, d
   """L = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG  (module docstring), for the student.
 
   The GKD part is ``distill.gkd_loss``; the imitation part is ``rl.pg_loss`` on the LTI rewards.
-  ``batch`` holds the student-side sequences with the teacher's logits already aligned to them:
+  ``batch`` holds the student-side sequences and the teacher's logits on their completion:
   ``off_*`` (teacher samples; present when lam < 1) and ``on_*`` (student samples; present when
-  lam > 0 or alpha < 1), each with ``tokens, valid, completion_mask, teacher_logits``, plus
-  ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``.
+  lam > 0 or alpha < 1), each with ``tokens, valid, completion_mask`` (B, Ps + N) and
+  ``teacher_logits`` (B, N + 1, V) for positions ``Ps - 1 ...`` (``completion_logits``), plus
+  ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
+  distributions over those N + 1 positions are computed: the prompt's enter no term.
   """
   del rng
-  data, logits = {}, {}
+  data, logits, start = {}, {}, {}
   for side in ("off", "on"):
     if f"{side}_tokens" not in batch:
       continue
-    logits[side], _ = transformer.apply(params, batch[f"{side}_tokens"], cfg,
-                                        valid=batch[f"{side}_valid"], slot_mask=batch["slot_mask"])
-    data[side] = DistillBatch(logits[side], batch[f"{side}_teacher_logits"],
-                              prediction_mask(batch[f"{side}_completion_mask"]))
+    tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
+    start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
+    logits[side], _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
+                                        slot_mask=batch["slot_mask"], logits_from=start[side])
+    pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
+    data[side] = DistillBatch(logits[side], t_logits, pmask)
   gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
                           data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
                           temperature=temperature, **divergence_kwargs)
   loss = alpha * gkd
   if alpha < 1.0:
-    mask = batch["on_completion_mask"]
+    mask = batch["on_completion_mask"][:, start["on"]:]
     # Positions that predict no completion token are zeroed before the log-softmax.
-    clean = sanitize(logits["on"], prediction_mask(mask))
-    logprobs = transformer.logits_to_logprobs(clean, batch["on_tokens"])
+    clean = sanitize(logits["on"], data["on"].mask)
+    logprobs = transformer.logits_to_logprobs(clean, batch["on_tokens"][:, start["on"]:])
     pg, _ = rl.pg_loss(logprobs, mask, get_advantage(advantage)(batch["on_rewards"]))
     loss = loss + (1.0 - alpha) * pg
     metrics["imitation_pg"] = pg
@@ -168,20 +172,13 @@ def ks_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float, d
   return loss, metrics
 
 
-def align_teacher_logits(teacher_logits: jax.Array, teacher_prompt_len: int,
-                         student_prompt_len: int) -> jax.Array:
-  """Teacher logits on ``[teacher prompt (Pt) | completion (N)]`` placed on the student's
-  ``[student prompt (Ps) | completion (N)]`` grid: position ``Pt - 1 + i`` (which predicts
-  completion token i) moves to ``Ps - 1 + i``; the student's prompt positions get zeros (masked)."""
-  tail = teacher_logits[:, teacher_prompt_len - 1:]
-  B, _, V = teacher_logits.shape
-  head = jnp.zeros((B, student_prompt_len - 1, V), teacher_logits.dtype)
-  return jnp.concatenate([head, tail], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(params, tokens, valid, slot_mask, cfg):
-  return transformer.apply(params, tokens, cfg, valid=valid, slot_mask=slot_mask)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len"))
+def completion_logits(params, tokens, valid, slot_mask, cfg, prompt_len):
+  """Logits (B, N + 1, V) of ``[prompt (P) | completion (N)]`` at positions ``P - 1 ... P + N - 1``:
+  entry i predicts completion token i (the last predicts past the end and is always masked).
+  Teacher and student windows line up entry by entry whatever their prompt lengths."""
+  return transformer.apply(params, tokens, cfg, valid=valid, slot_mask=slot_mask,
+                           logits_from=prompt_len - 1)[0]
 
 
 def _pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int):
@@ -278,17 +275,17 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     return jnp.asarray(toks), jnp.asarray(live)
 
   def side(prefix, t_idx, teacher_prompts, student_prompts, comp_toks, comp_live):
-    """Student sequences + teacher logits aligned to them for one batch of completions."""
+    """Student sequences + the teacher's logits on their completions, for one batch."""
     teacher, t_len = teachers[t_idx], t_lens[t_idx]
     tt, tv = _pad_left(teacher_prompts, t_len, pad_id)
     st_, sv = _pad_left(student_prompts, s_len, pad_id)
     t_tokens = jnp.concatenate([tt, comp_toks], 1)
     t_valid = jnp.concatenate([tv, comp_live], 1)
-    t_logits = _forward(teacher.params, t_tokens, t_valid, teacher.slot_mask, teacher.cfg)
     return {f"{prefix}_tokens": jnp.concatenate([st_, comp_toks], 1),
             f"{prefix}_valid": jnp.concatenate([sv, comp_live], 1),
             f"{prefix}_completion_mask": jnp.concatenate([jnp.zeros_like(sv), comp_live], 1),
-            f"{prefix}_teacher_logits": align_teacher_logits(t_logits, t_len, s_len)}
+            f"{prefix}_teacher_logits": completion_logits(
+                teacher.params, t_tokens, t_valid, teacher.slot_mask, teacher.cfg, t_len)}
 
   history = []
   steps = int(kcfg.steps)
@@ -380,12 +377,12 @@ def teacher_student_divergence(teacher: Teacher, student_params, student_cfg, st
                        max_new_tokens=max_new_tokens, greedy=True, stop_tokens=tuple(stop_tokens),
                        pad_id=pad_id, slot_mask=teacher.slot_mask)
   ct, cl = out.tokens[:, t_len:], out.completion_mask[:, t_len:]
-  t_logits = _forward(teacher.params, out.tokens, out.valid, teacher.slot_mask, teacher.cfg)
+  t_logits = completion_logits(teacher.params, out.tokens, out.valid, teacher.slot_mask,
+                               teacher.cfg, t_len)
   st_, sv = _pad_left(student_prompts, s_len, pad_id)
   s_tokens = jnp.concatenate([st_, ct], 1)
   s_valid = jnp.concatenate([sv, cl], 1)
-  s_logits = _forward(student_params, s_tokens, s_valid, student_mask, student_cfg)
-  pmask = prediction_mask(jnp.concatenate([jnp.zeros_like(sv), cl], 1))
-  per = token_divergence(s_logits, align_teacher_logits(t_logits, t_len, s_len), pmask,
-                         divergence=divergence)
+  s_logits = completion_logits(student_params, s_tokens, s_valid, student_mask, student_cfg, s_len)
+  pmask = prediction_mask(jnp.concatenate([jnp.zeros_like(sv), cl], 1))[:, s_len - 1:]
+  per = token_divergence(s_logits, t_logits, pmask, divergence=divergence)
   return float(token_mean(per, pmask))
