@@ -837,7 +837,8 @@ def _ks_window(ctx: Context) -> Dict[str, Any]:
     return jax.jit(lambda p: transformer.apply(p, tokens, cfg, valid=valid, slot_mask=mask,
                                                logits_from=start)[0])
 
-  window = _block(teacher(P - 1)(params))
+  t_window, t_full = teacher(P - 1), teacher(0)
+  window = _block(t_window(params))
   full = jnp.concatenate([jnp.zeros((B, P - 1, cfg.vocab_size), jnp.float32), window], 1)
 
   def grad_fn(t_logits):
@@ -851,8 +852,8 @@ def _ks_window(ctx: Context) -> Dict[str, Any]:
 
   out = {"model": "tiny" if ctx.quick else "smollm2_135m", "batch": B, "prompt_len": P,
          "new_tokens": N, "vocab": cfg.vocab_size}
-  for name, t_fn, g_fn in (("window", teacher(P - 1), grad_fn(window)),
-                           ("full", teacher(0), grad_fn(full))):
+  for name, t_fn, g_fn in (("window", t_window, grad_fn(window)),
+                           ("full", t_full, grad_fn(full))):
     row = {}
     for what, fn in (("teacher_forward", t_fn), ("student_grad", g_fn)):
       row[what + "_peak_bytes"] = _memory(fn.lower(params).compile().memory_analysis())[

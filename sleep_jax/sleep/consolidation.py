@@ -145,16 +145,16 @@ def ks_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float, d
   distributions over those N + 1 positions are computed: the prompt's enter no term.
   """
   del rng
-  data, logits, start = {}, {}, {}
+  data, start = {}, {}
   for side in ("off", "on"):
     if f"{side}_tokens" not in batch:
       continue
     tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
     start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
-    logits[side], _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
-                                        slot_mask=batch["slot_mask"], logits_from=start[side])
+    logits, _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
+                                  slot_mask=batch["slot_mask"], logits_from=start[side])
     pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
-    data[side] = DistillBatch(logits[side], t_logits, pmask)
+    data[side] = DistillBatch(logits, t_logits, pmask)
   gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
                           data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
                           temperature=temperature, **divergence_kwargs)
@@ -162,7 +162,7 @@ def ks_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float, d
   if alpha < 1.0:
     mask = batch["on_completion_mask"][:, start["on"]:]
     # Positions that predict no completion token are zeroed before the log-softmax.
-    clean = sanitize(logits["on"], data["on"].mask)
+    clean = sanitize(data["on"].student_logits, data["on"].mask)
     logprobs = transformer.logits_to_logprobs(clean, batch["on_tokens"][:, start["on"]:])
     pg, _ = rl.pg_loss(logprobs, mask, get_advantage(advantage)(batch["on_rewards"]))
     loss = loss + (1.0 - alpha) * pg
