@@ -53,7 +53,7 @@ def test_cli_quick_schema(tmp_path):
   p = subprocess.run(
       [sys.executable, "-m", "sleep_jax.bench", "--quick", "--only", "matmul_peak,train_step",
        "--out", str(out), "--markdown", str(md)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["schema"] == bench.SCHEMA

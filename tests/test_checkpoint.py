@@ -135,7 +135,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, compile_cache):
   script = script.replace('"--config.sample.num=0"',
                           f'"--config.sample.num=0", "--config.data.data_dir={data_dir}"')
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]
   steps = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), handle_sigterm=False)
   committed = steps.all_steps()

@@ -75,7 +75,7 @@ def test_main_rejects_mistyped_key_with_suggestion(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "sleep_jax.main", f"--config={DEFAULT}:test",
        f"--workdir={tmp_path}", "--config.train.stpes=3"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2
   assert "unknown config key 'train.stpes'" in proc.stderr
   assert "Did you mean: train.steps" in proc.stderr
