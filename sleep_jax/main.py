@@ -23,7 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 # job name -> "module:function"; imported lazily so that one job's imports never slow another.
 JOBS = {
-    "train_lm": "sleep_jax.train:run",
+    "train_lm": "sleep_jax.train.lm_job:run",
     "sleep_cycle": "sleep_jax.sleep.cycle:run",
 }
 
@@ -53,7 +53,7 @@ def main(argv):
     raise app.UsageError("--config is required")
   # Before anything touches a device: multi-host jobs must initialise jax.distributed first.
   from sleep_jax.parallel import mesh as mesh_lib
-  mesh_lib.initialize_distributed(config.get("distributed", "auto"))
+  mesh_lib.initialize_distributed(config.distributed)
   logging.info("job %s, workdir %s\n%s", config.job, _WORKDIR.value, config)
   resolve_job(config.job)(config, _WORKDIR.value)
 

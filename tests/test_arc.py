@@ -222,7 +222,7 @@ def test_partial_credit_reads_the_first_grid_of_a_free_form_answer():
 
 
 def test_partial_credit_needs_every_task_answered():
-  from sleep_jax.sleep.cycle import arc_credit
+  from sleep_jax.tasks.arc import credit as arc_credit
   fmt = arc.COMPACT
   ans = lambda doc, pred, gold: {"doc": doc, "pred": pred, "gold": [gold]}
   answers = [ans("a", "01\n10", "01\n10"), ans("b", "11\n10", "01\n10"), ans("b", "0", "01\n10")]

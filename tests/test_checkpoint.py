@@ -12,13 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from sleep_jax import train
+from sleep_jax.train import lm_job as train
 from sleep_jax.configs import default as default_config
 from sleep_jax.model import transformer
 from sleep_jax.model.config import tiny
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.parallel import state as st
+from sleep_jax.train import optimizer as opt_lib, state as st, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(32, 64),
@@ -46,7 +46,7 @@ def _numpy_init(cfg, seed=0):
 
 
 def _tx(cfg):
-  return st.with_cms_frequencies(optax.adamw(1e-3), transformer.param_shapes(cfg),
+  return opt_lib.with_cms_frequencies(optax.adamw(1e-3), transformer.param_shapes(cfg),
                                  chunk_sizes=cfg.chunk_sizes)
 
 
@@ -101,7 +101,8 @@ def _final_checkpoint(workdir, config):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from sleep_jax import main, train
+    from sleep_jax import main
+    from sleep_jax.train import lm_job as train
 
     def kill_at(step, state):
       if step == {kill_step}:

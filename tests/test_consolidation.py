@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from sleep_jax.model import growth, transformer as T
+from sleep_jax.losses.objectives import knowledge_seeding_loss
 from sleep_jax.sleep import consolidation as C
+from sleep_jax.sleep import methods
 
 import tiny_kv as kv
 
@@ -89,11 +91,13 @@ def test_prune_resets_source_level(base):
 
 @pytest.mark.parametrize("name", [
     n if n in ("sleep", "opsd") else pytest.param(n, marks=pytest.mark.slow)  # compile-bound
-    for n in sorted(C.VARIANTS)])
+    for n in ("sleep", "opsd", "opsd_expansion", "sleep_no_imitation", "sleep_no_semantic",
+              "sleep_no_expansion")])
 def test_every_ablation_runs_through_the_same_entry_point(base, name):
   facts = kv.facts(2)
   t, s = _prompts(facts)
-  kcfg = C.variant(name, _kcfg(steps=1, batch_size=4, teacher_samples=1))
+  kcfg = methods.consolidation_config(methods.get(name),
+                                      _kcfg(steps=1, batch_size=4, teacher_samples=1))
   res = C.consolidate(base, T.slot_mask_none(kv.CFG), kv.CFG, t, s, kcfg, jax.random.key(2),
                       stop_tokens=(kv.EOS,))
   assert len(res.history) == 1 and np.isfinite(res.history[-1]["loss"])
@@ -111,7 +115,7 @@ def test_knowledge_seeding_into_a_deeper_student_beats_scratch(base):
   mask = T.slot_mask_none(big_cfg)
   kcfg = _kcfg(steps=15, alpha=1.0, lam=0.0)
   kcfg.optimizer.lr = 1e-3  # every parameter trains here, not one fresh slot
-  from sleep_jax.parallel import state as S
+  from sleep_jax.train import state as S
 
   def distil(params):
     student = C.Student(params, big_cfg, mask, S.all_trainable(params), prompts)
@@ -161,7 +165,7 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
     whole[f"{side}_teacher_logits"] = jnp.concatenate([pad, batch[f"{side}_teacher_logits"]], 1)
 
   def loss(b):
-    return jax.value_and_grad(lambda p: C.ks_loss(
+    return jax.value_and_grad(lambda p: knowledge_seeding_loss(
         p, b, None, cfg=kv.CFG, alpha=alpha, lam=lam, divergence="fkl", divergence_kwargs={},
         temperature=1.0, advantage="reinforce")[0])(base)
 
@@ -169,3 +173,36 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
   assert np.isfinite(float(lw)) and float(lw) != 0.0
   np.testing.assert_allclose(float(lw), float(lf), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), gw, gf)
+
+
+def test_a_loss_and_divergence_registered_here_drive_a_consolidation(base):
+  """A user's own objective and divergence, registered in the user's file, plug into a sleep
+  through config names only."""
+  from sleep_jax import losses as L
+  traced = []
+  if "test_half_ks" not in L.LOSSES:
+    @L.register_divergence("test_sq_hellinger")
+    def sq_hellinger(student_logp, teacher_logp):
+      """H^2 = 1 - sum_v sqrt(P_v Q_v)."""
+      return 1.0 - jnp.sum(jnp.exp(0.5 * (student_logp + teacher_logp)), axis=-1)
+
+    @L.register_loss("test_half_ks")
+    def half_ks(params, batch, rng, **hp):
+      traced.append(hp["divergence"])
+      loss, metrics = knowledge_seeding_loss(params, batch, rng, **hp)
+      return 0.5 * loss, metrics
+
+  facts = kv.facts(2)
+  t, s = _prompts(facts)
+  kcfg = _kcfg(steps=2, batch_size=4, teacher_samples=1, alpha=1.0, lam=0.0,
+               objective="test_half_ks", divergence="test_sq_hellinger")
+  res = C.consolidate(base, T.slot_mask_none(kv.CFG), kv.CFG, t, s, kcfg, jax.random.key(5),
+                      stop_tokens=(kv.EOS,))
+  assert traced == ["test_sq_hellinger"]  # the step was built from the registered names
+  assert len(res.history) == 2 and all(np.isfinite(h["loss"]) for h in res.history)
+  slot_b = np.asarray(res.params["layers"]["cms_1"]["slot_b"])[:, res.slot]
+  assert np.any(slot_b != 0)  # the new slot learnt
+  kcfg.objective = "test_haf_ks"
+  with pytest.raises(ValueError, match="Did you mean 'test_half_ks'"):
+    C.consolidate(base, T.slot_mask_none(kv.CFG), kv.CFG, t, s, kcfg, jax.random.key(5),
+                  stop_tokens=(kv.EOS,))

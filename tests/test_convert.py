@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from sleep_jax.data.hf_tokenizer import HFTokenizer, render_chatml, render_jinja
-from sleep_jax.model import convert, fetch, transformer
+from sleep_jax.model import checkpoint_readers, convert, fetch, transformer
 from sleep_jax.model.config import ModelConfig
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -235,9 +235,9 @@ def write_gguf(path, sd, cfg, quantized=False, extra_tensors=(), tokenizer=True,
     qtype = _QUANT_TYPES.get(kind, Q.F32) if quantized and t.ndim == 2 else Q.F32
     data = t
     if kind == "attn_q" and arch == "llama":
-      data = convert.permute_qk(t, cfg.n_heads)
+      data = checkpoint_readers.permute_qk(t, cfg.n_heads)
     elif kind == "attn_k" and arch == "llama":
-      data = convert.permute_qk(t, cfg.n_kv_heads)
+      data = checkpoint_readers.permute_qk(t, cfg.n_kv_heads)
     stored[name] = t if qtype == Q.F32 else _roundtrip(t, qtype)
     if qtype == Q.F32:
       w.add_tensor(g, np.ascontiguousarray(data, np.float32))
@@ -313,9 +313,9 @@ def test_numpy_reference_matches_direct_model(tiny):
 
 def test_permutation_is_llama_cpp_and_inverts():
   w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)
-  p = convert.permute_qk(w, 4)
+  p = checkpoint_readers.permute_qk(w, 4)
   assert not np.array_equal(p, w)
-  np.testing.assert_array_equal(convert.unpermute_qk(p, 4), w)
+  np.testing.assert_array_equal(checkpoint_readers.unpermute_qk(p, 4), w)
   # Row j of a head in GGML's layout interleaves the two RoPE halves: 0, 4, 1, 5, ...
   np.testing.assert_array_equal(p[:8, 0] / 3, [0, 4, 1, 5, 2, 6, 3, 7])
 
@@ -643,18 +643,18 @@ def test_missing_gguf_names_file_and_fetch(tmp_path):
 def test_corrupt_gguf_names_file(tmp_path, tiny_gguf):
   bad = tmp_path / "garbage.gguf"
   bad.write_bytes(b"this is not a gguf file at all" * 10)
-  with pytest.raises(convert.ModelFileError, match="garbage.gguf.*fetch"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="garbage.gguf.*fetch"):
     convert.load_gguf(bad)
   empty = tmp_path / "empty.gguf"
   empty.write_bytes(b"")
-  with pytest.raises(convert.ModelFileError, match="empty.gguf"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="empty.gguf"):
     convert.load_gguf(empty)
   data = tiny_gguf.read_bytes()
   cut = tmp_path / "truncated.gguf"
   cut.write_bytes(data[:len(data) - 4000])
-  with pytest.raises(convert.ModelFileError, match="truncated.gguf"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="truncated.gguf"):
     convert.load_gguf(cut)
-  with pytest.raises(convert.ModelFileError, match="truncated.gguf"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="truncated.gguf"):
     HFTokenizer.from_gguf(cut)
 
 
@@ -667,7 +667,7 @@ def test_hf_errors_name_files(tmp_path, tiny):
   with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
     convert.load_hf(tmp_path / "m")
   (tmp_path / "m" / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 64)
-  with pytest.raises(convert.ModelFileError, match="model-00002-of-00002.safetensors"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="model-00002-of-00002.safetensors"):
     convert.load_hf(tmp_path / "m")
 
 
@@ -689,10 +689,10 @@ def test_unsupported_checkpoints_raise(tmp_path, tiny):
     convert.load_hf(tmp_path / "yarn")
   # A Qwen2 config without its biases, a Qwen3 one without its q/k norms: incomplete files.
   write_hf(tmp_path / "qwen2", sd, cfg, extra_config={"model_type": "qwen2"})
-  with pytest.raises(convert.ModelFileError, match="q_proj.bias"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="q_proj.bias"):
     convert.load_hf(tmp_path / "qwen2")
   write_hf(tmp_path / "qwen3", sd, cfg, extra_config={"model_type": "qwen3"})
-  with pytest.raises(convert.ModelFileError, match="q_norm"):
+  with pytest.raises(checkpoint_readers.ModelFileError, match="q_norm"):
     convert.load_hf(tmp_path / "qwen3")
   write_gguf(tmp_path / "bias.gguf", sd, cfg, tokenizer=False,
              extra_tensors=[("blk.0.attn_output.bias", np.zeros(32, np.float32))])

@@ -7,7 +7,7 @@ import pytest
 
 from sleep_jax.configs import knowledge
 from sleep_jax.data import documents
-from sleep_jax.sleep import cycle
+from sleep_jax.sleep import cycle, methods
 
 
 @pytest.fixture(scope="module")
@@ -84,5 +84,5 @@ def test_malformed_documents_name_the_line(tmp_path, line, msg):
 
 
 def test_unknown_method_is_a_clear_error():
-  with pytest.raises(ValueError, match="unknown method 'slep'"):
-    cycle.method_spec("slep")
+  with pytest.raises(ValueError, match="unknown method 'slep'. Did you mean 'sleep'"):
+    methods.get("slep")

@@ -1,4 +1,4 @@
-"""Dreaming (DESIGN.md 1.3): sampling switch, gradient scores, selection, vmapped trials, ReST-EM."""
+"""Dreaming (docs/method.md section 4): sampling switch, gradient scores, selection, vmapped trials, ReST-EM."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import pytest
 
 from sleep_jax.data.tokenizer import ByteTokenizer
 from sleep_jax.model import config, lora as lora_lib, sampler, transformer as T
-from sleep_jax.sleep import dreaming as D
+from sleep_jax.sleep import dream_batches as DB, dream_trials as DT, dreaming as D
+from sleep_jax.sleep import methods
 
 CFG = config.tiny(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(0, 64), n_experts=(1, 2),
                   expert_top_k=1, n_slots=1, slot_rank=4, vocab_size=64, max_seq_len=64)
@@ -37,7 +38,7 @@ def setup():
   mask = T.slot_mask_none(CFG).at[1, 0].set(True)  # a live (freshly unlocked: B = 0) slot
   # Every test shares these shapes and static arguments (and the dream loop test the same
   # generator/trial adapters), so each function compiles once for the whole file.
-  gen = D.init_generator(key(5), CFG, 4, 8.0, ("q", "v"), "adam")
+  gen = DT.init_generator(key(5), CFG, 4, 8.0, ("q", "v"), "adam")
   out = D.sample_dreams(params, CFG, mask, PROMPTS, key(1), M, N_NEW, 1.0, True,
                         gen.lora, gen_lora_scale=gen.scale, stop_tokens=STOP)
   rng = np.random.default_rng(0)
@@ -45,8 +46,8 @@ def setup():
   cm = np.zeros((3, 10), bool)
   cm[:, 6:] = True
   task = {"tokens": toks, "valid": jnp.ones((3, 10), bool), "completion_mask": jnp.asarray(cm)}
-  lora0 = D.init_adapter(key(2), CFG, 4, TRIAL_TARGETS)
-  return params, mask, D.as_dreams(out), task, lora0, gen
+  lora0 = DT.init_adapter(key(2), CFG, 4, TRIAL_TARGETS)
+  return params, mask, DB.as_dreams(out), task, lora0, gen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,15 +57,15 @@ def test_random_expert_switch_changes_distribution_only_when_on(setup):
   params, mask, dreams, _, _, gen = setup
   x, v = dreams.tokens, dreams.valid
   g = dict(lora_scale=gen.scale)
-  plain = D.sequence_logprobs(params, gen.lora, CFG, mask, x, v, **g)
-  routed = D.sequence_logprobs(params, gen.lora, CFG, mask, x, v, route_rng=key(3), **g)
+  plain = DT.sequence_logprobs(params, gen.lora, CFG, mask, x, v, **g)
+  routed = DT.sequence_logprobs(params, gen.lora, CFG, mask, x, v, route_rng=key(3), **g)
   assert float(jnp.max(jnp.abs(jnp.where(v, routed - plain, 0.0)))) > 1e-3
 
   kw = dict(gen_lora_scale=gen.scale, stop_tokens=STOP)
   sd = lambda on: D.sample_dreams(params, CFG, mask, PROMPTS, key(4), M, N_NEW, 1.0, on,
                                   gen.lora, **kw)
   off, off2, on = sd(False), sd(False), sd(True)
-  toks, valid, _ = D.prompt_batch(PROMPTS, M)
+  toks, valid, _ = DB.prompt_batch(PROMPTS, M)
   ref = sampler.sample(params, toks, valid, key(4), cfg=CFG, max_new_tokens=N_NEW,
                        temperature=1.0, top_k=0, top_p=1.0, stop_tokens=STOP, pad_id=0,
                        slot_mask=mask, lora=gen.lora, lora_scale=gen.scale, random_expert=False)
@@ -76,20 +77,20 @@ def test_random_expert_switch_changes_distribution_only_when_on(setup):
   P = toks.shape[1]
   assert not np.allclose(on.logprobs[:, P], off.logprobs[:, P], atol=1e-4)
   # And the "off" log-probs are the teacher-forced log-probs of the plain model.
-  tf = D.sequence_logprobs(params, gen.lora, CFG, mask, off.tokens, off.valid, **g)
+  tf = DT.sequence_logprobs(params, gen.lora, CFG, mask, off.tokens, off.valid, **g)
   np.testing.assert_allclose(np.where(off.completion_mask, tf, 0.0), off.logprobs, atol=1e-4)
 
 
 def test_prompt_batch_tiles_and_templates():
-  toks, valid, idx = D.prompt_batch(PROMPTS, 5)
+  toks, valid, idx = DB.prompt_batch(PROMPTS, 5)
   assert toks.shape == (5, 5) and list(idx) == [0, 1, 2, 0, 1]
   assert list(np.asarray(toks[1])[np.asarray(valid[1])]) == PROMPTS[1]
-  t = D.DreamTemplates({"qa": "{context} Q:", "imp": "{context} so"})
+  t = DB.DreamTemplates({"qa": "{context} Q:", "imp": "{context} so"})
   assert t.format("Ann.") == [("qa", "Ann. Q:"), ("imp", "Ann. so")]
   ids, tags = t.prompts(ByteTokenizer(), ["a", "bc"])
   assert tags == [(0, "qa"), (0, "imp"), (1, "qa"), (1, "imp")]
   assert ids[0] == ByteTokenizer().encode("a Q:", add_bos=True)
-  assert set(D.DreamTemplates.from_config(D.default_config()).templates) == set(D.DEFAULT_TEMPLATES)
+  assert set(DB.DreamTemplates.from_config(D.default_config()).templates) == set(DB.DEFAULT_TEMPLATES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def test_prompt_batch_tiles_and_templates():
 def test_gradient_scores(setup):
   params, mask, dreams, task, lora0, _ = setup
   kw = dict(lora_scale=SCALE)
-  score = lambda rule: D.score_dreams(params, CFG, mask, lora0, dreams, task, key(0),
+  score = lambda rule: DT.score_dreams(params, CFG, mask, lora0, dreams, task, key(0),
                                       rule=rule, **kw)
   norm, align = score("grad_norm"), score("grad_align")
   assert norm.shape == align.shape == (M,)
@@ -106,8 +107,8 @@ def test_gradient_scores(setup):
   # At B = 0 the forward pass does not depend on the LoRA scale s and dL/dB is linear in s, so
   # grad_norm scales with s and grad_align (a cosine) does not (same compilation: s is traced).
   kw2 = dict(lora_scale=2 * SCALE)
-  norm2 = D.score_dreams(params, CFG, mask, lora0, dreams, task, key(0), rule="grad_norm", **kw2)
-  align2 = D.score_dreams(params, CFG, mask, lora0, dreams, task, key(0), rule="grad_align", **kw2)
+  norm2 = DT.score_dreams(params, CFG, mask, lora0, dreams, task, key(0), rule="grad_norm", **kw2)
+  align2 = DT.score_dreams(params, CFG, mask, lora0, dreams, task, key(0), rule="grad_align", **kw2)
   np.testing.assert_allclose(norm2, 2 * norm, rtol=1e-5)
   np.testing.assert_allclose(align2, align, rtol=1e-4, atol=1e-6)
   assert len(set(np.round(np.asarray(norm), 6).tolist())) == M  # per-dream, not a batch value
@@ -123,8 +124,8 @@ def test_tree_norm_and_dot_rows():
   h = {"q": {"b": rng.normal(size=(2, 4, 5))}, "v": {"b": rng.normal(size=(2, 4, 3))}}
   flat_g = np.concatenate([g["q"]["b"].reshape(3, -1), g["v"]["b"].reshape(3, -1)], axis=1)
   flat_h = np.concatenate([h["q"]["b"].ravel(), h["v"]["b"].ravel()])
-  np.testing.assert_allclose(D._tree_sq_norm_rows(g), (flat_g ** 2).sum(1), rtol=1e-5)
-  np.testing.assert_allclose(D._tree_dot_rows(g, h), flat_g @ flat_h, rtol=1e-5)
+  np.testing.assert_allclose(DT._tree_sq_norm_rows(g), (flat_g ** 2).sum(1), rtol=1e-5)
+  np.testing.assert_allclose(DT._tree_dot_rows(g, h), flat_g @ flat_h, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n,k,b", [(10, 3, 2), (10, 0, 4), (10, 4, 0), (5, 3, 5), (5, 7, 1)])
@@ -134,7 +135,7 @@ def test_select_topk_plus_random(n, k, b):
   top = set(np.argsort(-np.asarray(scores))[:kk].tolist())
   seen = set()
   for seed in range(20):
-    idx = np.asarray(D.select(scores, k, b, key(seed)))
+    idx = np.asarray(DT.select(scores, k, b, key(seed)))
     assert idx.shape == (kk + bb,) and len(set(idx.tolist())) == kk + bb
     assert set(idx[:kk].tolist()) == top
     assert not set(idx[kk:].tolist()) & top and all(0 <= j < n for j in idx)
@@ -149,10 +150,10 @@ def test_select_topk_plus_random(n, k, b):
 def test_vmapped_trials_match_sequential(setup):
   params, mask, dreams, task, lora0, _ = setup
   # The same keyword set as Dreamer.round passes, so the dream loop test reuses this compilation.
-  kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=D.task_log_likelihood,
+  kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=DT.task_log_likelihood,
             sft_context="prompt", **INNER)
-  vm = D.run_trials(params, CFG, mask, lora0, dreams, task, **kw)
-  sq = D.run_trials_sequential(params, CFG, mask, lora0, dreams, task, **kw)
+  vm = DT.run_trials(params, CFG, mask, lora0, dreams, task, **kw)
+  sq = DT.run_trials_sequential(params, CFG, mask, lora0, dreams, task, **kw)
   for a, b in zip(jax.tree.leaves(vm.lora), jax.tree.leaves(sq.lora)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(vm.scores, sq.scores, atol=1e-5, rtol=1e-5)
@@ -168,12 +169,12 @@ def test_dreams_in_groups_equal_all_at_once(setup):
   """``parallel_dreams`` (memory bound on real models) changes nothing but the grouping: 4 dreams
   as a group of 3 and a group of 1 give the scores and trials of one vmap."""
   params, mask, dreams, task, lora0, _ = setup
-  score = lambda p: D.score_dreams(params, CFG, mask, lora0, dreams, task, key(0),
+  score = lambda p: DT.score_dreams(params, CFG, mask, lora0, dreams, task, key(0),
                                    rule="grad_norm", lora_scale=SCALE, parallel=p)
   np.testing.assert_allclose(score(3), score(0), rtol=1e-5)
-  kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=D.task_log_likelihood,
+  kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=DT.task_log_likelihood,
             sft_context="prompt", **INNER)
-  trials = lambda p: D.run_trials(params, CFG, mask, lora0, dreams, task, parallel=p, **kw)
+  trials = lambda p: DT.run_trials(params, CFG, mask, lora0, dreams, task, parallel=p, **kw)
   whole, grouped = trials(0), trials(3)
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(grouped)):
     assert a.shape == b.shape
@@ -184,7 +185,7 @@ def test_dreams_in_groups_equal_all_at_once(setup):
 # ReST-EM.
 # ----------------------------------------------------------------------------------------------
 def _gen_loglik(params, mask, gen, dreams, rows):
-  lp = D.sequence_logprobs(params, gen.lora, CFG, mask, dreams.tokens, dreams.valid,
+  lp = DT.sequence_logprobs(params, gen.lora, CFG, mask, dreams.tokens, dreams.valid,
                            lora_scale=gen.scale)
   cm = np.asarray(dreams.completion_mask)
   return float((np.asarray(lp) * cm)[rows].sum() / cm[rows].sum())
@@ -195,13 +196,13 @@ def test_rest_em_raises_rewarded_likelihood_and_noop_without_reward(setup):
   rewards = jnp.asarray([1.0, 0.0, 1.0, 0.0])
   kw = dict(lr=1e-2, lora_scale=gen.scale, **REST)
   before = _gen_loglik(params, mask, gen, dreams, [0, 2])
-  l1, s1, m1 = D.rest_em_round(params, CFG, mask, gen.lora, gen.opt_state, dreams, rewards, **kw)
-  gen1 = D.Generator(l1, s1, gen.scale)
+  l1, s1, m1 = DT.rest_em_round(params, CFG, mask, gen.lora, gen.opt_state, dreams, rewards, **kw)
+  gen1 = DT.Generator(l1, s1, gen.scale)
   after = _gen_loglik(params, mask, gen1, dreams, [0, 2])
   assert after > before + 1e-3, (before, after)
   assert float(m1["rest_em_loss_after"]) < float(m1["rest_em_loss_before"]) and int(m1["rest_em_n"]) == 2
   # No reward: generator and optimizer state bit-identical (even with non-zero Adam moments).
-  l2, s2, m2 = D.rest_em_round(params, CFG, mask, l1, s1, dreams, jnp.zeros(4), **kw)
+  l2, s2, m2 = DT.rest_em_round(params, CFG, mask, l1, s1, dreams, jnp.zeros(4), **kw)
   for a, b in zip(jax.tree.leaves((l1, s1)), jax.tree.leaves((l2, s2))):
     np.testing.assert_array_equal(a, b)
   assert int(m2["rest_em_n"]) == 0
@@ -234,7 +235,7 @@ def test_dream_loop_accepts_by_margin_and_disables(setup):
   # Nothing rewarded: nothing accepted, the generator never moves.
   nothing = run(_small_config(margin=1e9, score="random"))
   assert len(nothing) == 0 and all(m["acceptance_rate"] == 0.0 for m in nothing.metrics)
-  fresh = D.init_generator(jax.random.split(key(7))[0], CFG, 4, 8.0, ("q", "v"))
+  fresh = DT.init_generator(jax.random.split(key(7))[0], CFG, 4, 8.0, ("q", "v"))
   for a, b in zip(jax.tree.leaves(fresh.lora), jax.tree.leaves(nothing.generator.lora)):
     np.testing.assert_array_equal(a, b)
   off = run(_small_config(enabled=False))
@@ -242,23 +243,25 @@ def test_dream_loop_accepts_by_margin_and_disables(setup):
 
 
 def test_config_ablations():
-  assert D.ablation("no_gradient_selection").score == "random"
-  assert D.ablation("no_random_expert").random_expert is False
-  assert D.ablation("no_dreaming").enabled is False
+  """The dreaming ablations are rows of the one method table, applied as config overrides."""
+  dc = lambda name: methods.dreaming_config(methods.get(name), D.default_config())
+  assert dc("sleep_no_grad_selection").score == "random"
+  assert dc("sleep_no_random_expert").random_expert is False
+  assert dc("sleep") == D.default_config()
   c = D.default_config()
   for key in ("m", "k", "b", "inner_steps", "inner_lr", "inner_optimizer", "rounds", "score",
               "random_expert", "margin", "sft_context"):
     assert key in c
   assert {"rank", "alpha", "targets"} <= set(c.lora) and {"steps", "lr", "rank"} <= set(c.rest_em)
-  with pytest.raises(ValueError):
-    D.ablation("nope")
+  with pytest.raises(ValueError, match="Did you mean 'sleep'"):
+    methods.get("slep")
 
 
 def test_sft_context_none_ignores_the_prompt(setup):
   params, mask, dreams, _, _, gen = setup
   other = dreams.tokens.at[:, :3].set(7)  # change (part of) every prompt, keep the completions
   other = jnp.where(dreams.completion_mask, dreams.tokens, other)
-  loss = lambda toks, ctx: float(D.sft_loss(params, gen.lora, CFG, mask, toks, dreams.valid,
+  loss = lambda toks, ctx: float(DT.sft_loss(params, gen.lora, CFG, mask, toks, dreams.valid,
                                             dreams.completion_mask, lora_scale=gen.scale,
                                             sft_context=ctx))
   np.testing.assert_allclose(loss(other, "none"), loss(dreams.tokens, "none"), rtol=1e-6)

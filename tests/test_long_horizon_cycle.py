@@ -4,53 +4,50 @@ chunks without eval questions, accuracy by distance, and an end-to-end run of th
 import math
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from sleep_jax.configs import knowledge, long_horizon
 from sleep_jax.eval import continual, report
 from sleep_jax.sleep import cycle
+from sleep_jax.sleep import methods as M
 
 
 def _due(schedule, T):
-  return {t: cycle.levels_due(schedule, t) for t in range(T) if cycle.levels_due(schedule, t)}
+  return {t: M.levels_due(schedule, t) for t in range(T) if M.levels_due(schedule, t)}
 
 
 def test_cascade_schedule_four_levels():
-  c = long_horizon.get_config("needles")
-  sched = cycle.sleep_schedule(c, cycle.method_spec("sleep_l4"), n_levels=4)
+  every = tuple(long_horizon.get_config("needles").sleep_every)
+  sched = M.sleep_schedule(every, M.get("sleep_l4"), n_levels=4)
   assert sched == (1, 2, 4, 8)
   # Level l receives level l-1 after every C_l-th chunk, fastest level first.
   assert _due(sched, 8) == {1: [1], 3: [1, 2], 5: [1], 7: [1, 2, 3]}
-  assert cycle.sleep_schedule(c, cycle.method_spec("sleep_l2"), 4) == (1, 2)
-  assert cycle.sleep_schedule(c, cycle.method_spec("sleep_l1"), 4) == (1,)
+  assert M.sleep_schedule(every, M.get("sleep_l2"), 4) == (1, 2)
+  assert M.sleep_schedule(every, M.get("sleep_l1"), 4) == (1,)
   assert _due((1,), 8) == {}
-  assert cycle.sleep_schedule(c, cycle.method_spec("sleep_l4"), n_levels=2) == (1, 2)
+  assert M.sleep_schedule(every, M.get("sleep_l4"), n_levels=2) == (1, 2)
 
 
 def test_two_level_default_is_the_old_deep_sleep_schedule():
   """Without ``sleep_every`` the cascade is the old rule: deep sleep level 0 -> 1 after chunk t
   iff the method deep-sleeps, the model has 2+ levels and (t + 1) % deep_every == 0."""
   c = knowledge.get_config("default")
-  assert "sleep_every" not in c
+  assert tuple(c.sleep_every) == ()
   for deep_every in (1, 2, 3):
-    c.deep_every = deep_every
-    for name in cycle.METHODS:
-      spec = cycle.method_spec(name)
-      if "levels" in spec:  # the long-horizon methods are new
+    for name, m in M.METHODS.items():
+      if m.levels is not None:  # the long-horizon methods are new
         continue
       for n_levels in (1, 2, 3):
-        sched = cycle.sleep_schedule(c, spec, n_levels)
+        sched = M.sleep_schedule((1, deep_every), m, n_levels)
         for t in range(7):
-          old = spec.get("deep", True) and n_levels > 1 and (t + 1) % deep_every == 0
-          assert cycle.levels_due(sched, t) == ([1] if old else [])
+          old = m.deep and n_levels > 1 and (t + 1) % deep_every == 0
+          assert M.levels_due(sched, t) == ([1] if old else [])
 
 
 def test_bad_schedule_is_a_clear_error():
-  c = ml_collections.ConfigDict(dict(deep_every=2, sleep_every=(1, 3, 4)))
   with pytest.raises(ValueError, match="multiple"):
-    cycle.sleep_schedule(c, {}, 3)
+    M.sleep_schedule((1, 3, 4), M.get("sleep"), 3)
 
 
 def test_continual_metrics_skip_chunks_without_questions():

@@ -65,52 +65,67 @@ def test_gkd_mixed_loss_is_pooled_token_mean_with_source_metrics():
                              L.divergence_loss(s, t, ms, divergence="fkl")[0], rtol=1e-6)
 
 
-def _ks_inputs(seed):
-  tokens = np.random.default_rng(seed).integers(0, V, (B, T)).astype(np.int32)
-  comp = np.zeros((B, T), bool)
-  comp[:, 3:] = True
-  comp[1, 5:] = False  # a row that stopped early
-  rewards = np.array([1.0, 0.0, 0.5, 0.25], np.float32)
-  return _logits(seed + 1), _logits(seed + 2), tokens, comp, rewards
+def _ks_batch(seed, cfg, params):
+  """A consolidation batch as ``seed_knowledge`` builds it: student sequences (prompt Ps +
+  completion N) of both sides, the teacher's logits on the completion window, rewards."""
+  from sleep_jax.model import transformer as T
+  rng = np.random.default_rng(seed)
+  b, ps, n, v = 3, 5, 4, cfg.vocab_size
+  live = jnp.asarray(np.arange(n)[None, :] < np.array([[4], [2], [3]]))  # rows end early
+  batch = {"slot_mask": T.slot_mask_none(cfg)}
+  for side in ("off", "on"):
+    comp = jnp.asarray(rng.integers(3, v, (b, n)), jnp.int32)
+    batch[f"{side}_tokens"] = jnp.concatenate(
+        [jnp.asarray(rng.integers(3, v, (b, ps)), jnp.int32), comp], 1)
+    batch[f"{side}_valid"] = jnp.concatenate([jnp.ones((b, ps), bool), live], 1)
+    batch[f"{side}_completion_mask"] = jnp.concatenate([jnp.zeros((b, ps), bool), live], 1)
+    batch[f"{side}_teacher_logits"] = jnp.asarray(_logits(seed + 1, (b, n + 1, v)))
+  batch["on_rewards"] = jnp.asarray([1.0, 0.0, 0.5], jnp.float32)
+  return batch, ps
 
 
 def test_knowledge_seeding_endpoints_and_mix():
-  s, t, tok, comp, r = _ks_inputs(10)
-  pmask = L.prediction_mask(comp)
-  assert pmask[:, 2].all() and not pmask[:, -1].any() and not pmask[1, 4]
-  div = lambda x: L.divergence_loss(x, t, pmask, divergence="jsd", beta=0.5)[0]
-  pg = lambda x: L.pg_loss(logits_to_logprobs(x, tok), comp, r - r.mean())[0]
-  ks = lambda x, a: L.knowledge_seeding_loss(x, t, tok, comp, r, alpha=a, divergence="jsd",
-                                             divergence_kwargs={"beta": 0.5})[0]
-  ks, div, pg = jax.jit(ks), jax.jit(div), jax.jit(pg)
-  np.testing.assert_allclose(ks(s, 1.0), div(s), rtol=1e-6)
-  np.testing.assert_allclose(ks(s, 0.0), pg(s), rtol=1e-6, atol=1e-7)
+  """alpha = 1: the GKD mix of the two sides' divergences; alpha = 0: the imitation policy
+  gradient; in between, the gradient is the alpha-mix of the two."""
+  from sleep_jax.model import transformer as T
+  import tiny_kv as kv
+  params = T.init(jax.random.key(0), kv.CFG)
+  batch, ps = _ks_batch(10, kv.CFG, params)
+
+  def student(p, side):
+    logits = T.apply(p, batch[f"{side}_tokens"], kv.CFG, valid=batch[f"{side}_valid"],
+                     slot_mask=batch["slot_mask"], logits_from=ps - 1)[0]
+    return logits, L.prediction_mask(batch[f"{side}_completion_mask"])[:, ps - 1:]
+
+  def div(p, side):
+    s, m = student(p, side)
+    return L.divergence_loss(s, batch[f"{side}_teacher_logits"], m, divergence="jsd",
+                             beta=0.5)[0]
+
+  def pg(p):
+    s, m = student(p, "on")
+    lp = logits_to_logprobs(L.sanitize(s, m), batch["on_tokens"][:, ps - 1:])
+    r = batch["on_rewards"]
+    return L.pg_loss(lp, batch["on_completion_mask"][:, ps - 1:], r - r.mean())[0]
+
+  ks = lambda p, a, lam: L.knowledge_seeding_loss(
+      p, batch, None, cfg=kv.CFG, alpha=a, lam=lam, divergence="jsd",
+      divergence_kwargs={"beta": 0.5})[0]
+  lam = 0.25
+  gkd = lambda p: (1 - lam) * div(p, "off") + lam * div(p, "on")
+  np.testing.assert_allclose(ks(params, 1.0, lam), gkd(params), rtol=1e-5)
+  np.testing.assert_allclose(ks(params, 0.0, lam), pg(params), rtol=1e-5, atol=1e-7)
   a = 0.3
-  grad = lambda f, *args: jax.jit(jax.grad(f))(s, *args)
-  np.testing.assert_allclose(grad(ks, a), (1 - a) * grad(pg) + a * grad(div), rtol=1e-5,
-                             atol=1e-7)
-  _, met = L.knowledge_seeding_loss(s, t, tok, comp, r, alpha=a)
-  np.testing.assert_allclose(met["objective"], (1 - a) * r.mean() - a * met["divergence"],
-                             rtol=1e-6)
-
-
-def test_knowledge_seeding_grpo_advantage_and_padding_safety():
-  s, t, tok, comp, r = _ks_inputs(20)
-  pmask = np.asarray(L.prediction_mask(comp))
-  f = jax.jit(jax.value_and_grad(lambda x, y: L.knowledge_seeding_loss(
-      x, y, tok, comp, r, alpha=0.5, advantage="grpo", advantage_kwargs={"group_size": 2},
-      sampling_logprobs=jnp.where(comp, -1.0, jnp.nan), max_is_weight=2.0)[0]))
-  l0, g0 = f(s, t)
-  bad = lambda x: np.where(pmask[..., None], x, np.nan).astype(np.float32)
-  l1, g1 = f(bad(s), bad(t))
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  assert np.all(np.asarray(g1)[~pmask] == 0) and np.all(np.isfinite(np.asarray(g1)))
-  np.testing.assert_allclose(np.asarray(g1)[pmask], np.asarray(g0)[pmask], rtol=1e-5, atol=1e-8)
+  g = jax.grad(lambda p: ks(p, a, lam))(params)
+  g_pg, g_div = jax.grad(pg)(params), jax.grad(gkd)(params)
+  jax.tree.map(lambda x, y, z: np.testing.assert_allclose(x, (1 - a) * y + a * z, rtol=1e-4,
+                                                          atol=1e-6), g, g_pg, g_div)
+  assert L.get_loss("ks") is L.knowledge_seeding_loss
 
 
 def test_registry_lookup_errors_and_extension():
   assert L.get_divergence("jsd") is L.generalized_jsd
-  assert L.get_loss("grpo") is L.grpo_loss and L.get_loss("ks") is L.knowledge_seeding_loss
+  assert L.get_loss("grpo") is L.grpo_loss
   assert L.get_advantage("grpo") is L.group_advantages
   assert L.get_reward("lev") is L.lev_rewards
   with pytest.raises(ValueError, match=r"unknown divergence 'jds'\. Did you mean 'jsd'.*fkl"):

@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 from sleep_jax.model import transformer
 from sleep_jax.model.config import tiny
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.parallel import state as st
-from sleep_jax.train import make_lm_loss
+from sleep_jax.train import optimizer as opt_lib, state as st, step as step_lib
+from sleep_jax.train.lm_job import make_lm_loss
 
 CFG = tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(32, 64),
            n_experts=(1, 1), n_slots=2, slot_rank=4, chunk_sizes=(2, 1), max_seq_len=32)
@@ -48,7 +48,7 @@ def _bits(x):
 
 def test_sharded_step_matches_single_device_and_is_sharded_by_rules():
   assert jax.device_count() == 8
-  tx = st.with_cms_frequencies(optax.sgd(0.1, momentum=0.9), transformer.param_shapes(CFG),
+  tx = opt_lib.with_cms_frequencies(optax.sgd(0.1, momentum=0.9), transformer.param_shapes(CFG),
                                chunk_sizes=CFG.chunk_sizes)
   loss_fn = make_lm_loss(CFG)
   batches = _batches(2)
@@ -57,7 +57,7 @@ def test_sharded_step_matches_single_device_and_is_sharded_by_rules():
   # test_parallel_mesh; here constants keep compile time down).
   init = _numpy_init(CFG, 0)
   single, _ = st.create_train_state(0, init, tx, extras=_live_slots(CFG))
-  step1 = st.make_train_step(loss_fn, tx)
+  step1 = step_lib.make_train_step(loss_fn, tx)
   losses1 = []
   for b in batches:
     single, m = step1(single, b)
@@ -68,7 +68,7 @@ def test_sharded_step_matches_single_device_and_is_sharded_by_rules():
     sharded, shardings = st.create_train_state(
         0, init, tx, mesh=mesh, param_shardings=mesh_lib.param_shardings(CFG, mesh),
         extras=_live_slots(CFG))
-    step8 = st.make_train_step(loss_fn, tx, state_shardings=shardings,
+    step8 = step_lib.make_train_step(loss_fn, tx, state_shardings=shardings,
                                batch_shardings=mesh_lib.batch_sharding(mesh))
     losses8 = []
     for b in batches:
@@ -112,7 +112,7 @@ def test_frozen_parameters_keep_exact_bits_under_adamw(subset):
   mask = st.slot_trainable(shapes, axes, level=1, slot=0)
   assert mask["layers"]["cms_1"]["slot_a"].shape == (1, CFG.n_slots, 1, 1)
   assert mask["layers"]["cms_1"]["slot_router"].shape == (1, 1, CFG.n_slots)
-  tx = st.with_cms_frequencies(optax.adamw(1e-2, weight_decay=0.5), shapes,
+  tx = opt_lib.with_cms_frequencies(optax.adamw(1e-2, weight_decay=0.5), shapes,
                                chunk_sizes=CFG.chunk_sizes, trainable=mask)
   state, _ = st.create_train_state(1, _numpy_init(CFG, 1), tx, trainable=mask,
                                    extras=_live_slots(CFG))
@@ -125,7 +125,7 @@ def test_frozen_parameters_keep_exact_bits_under_adamw(subset):
   # Structurally frozen arrays have no optimizer state at all.
   assert len(jax.tree.leaves(state.opt_state)) < len(jax.tree.leaves(state.params))
 
-  step = st.make_train_step(make_lm_loss(CFG), tx,
+  step = step_lib.make_train_step(make_lm_loss(CFG), tx,
                             differentiate=st.trainable_arrays(mask) if subset else None)
   for b in _batches(4, seed=1):
     state, _ = step(state, b)
@@ -153,10 +153,10 @@ def test_cms_level_changes_only_every_chunk_by_accumulated_update():
              n_experts=(1, 1), n_slots=0, slot_rank=4, chunk_sizes=(4, 1), max_seq_len=32)
   lr = 0.5
   shapes = transformer.param_shapes(cfg)
-  tx = st.with_cms_frequencies(optax.sgd(lr), shapes, chunk_sizes=cfg.chunk_sizes)
+  tx = opt_lib.with_cms_frequencies(optax.sgd(lr), shapes, chunk_sizes=cfg.chunk_sizes)
   loss_fn = make_lm_loss(cfg)
   state, _ = st.create_train_state(2, _numpy_init(cfg, 2), tx)
-  step = st.make_train_step(loss_fn, tx, donate=False)
+  step = step_lib.make_train_step(loss_fn, tx, donate=False)
   grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
 
   lvl0 = lambda s: jax.tree.map(np.asarray, s.params["layers"]["cms_0"])
@@ -188,7 +188,7 @@ def test_step_uses_and_advances_state_rng():
     return jnp.sum(params["w"]) * 0.0, {"r": jax.random.uniform(rng)}
 
   state, _ = st.create_train_state(3, lambda r: {"w": jnp.ones(3)}, tx)
-  step = st.make_train_step(loss_fn, tx, donate=False)
+  step = step_lib.make_train_step(loss_fn, tx, donate=False)
   s1, m1 = step(state, {"x": jnp.zeros(1)})
   s1b, m1b = step(state, {"x": jnp.zeros(1)})
   _, m2 = step(s1, {"x": jnp.zeros(1)})
@@ -213,12 +213,12 @@ def test_cached_train_step_reuses_one_compiled_step_per_key():
   import ml_collections
   opt = lambda lr: ml_collections.ConfigDict(dict(name="adam", lr=lr, grad_clip=1.0))
   loss = lambda p, b, r: (jnp.sum(p["w"] ** 2), {})
-  a = st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
-  b = st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
+  a = step_lib.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
+  b = step_lib.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": True})
   assert a is b
-  assert st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.2), {"w": True}) is not a
-  assert st.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": False}) is not a
-  assert st.cached_train_step(("test_loss", 2), lambda: loss, opt(0.1), {"w": True}) is not a
+  assert step_lib.cached_train_step(("test_loss", 1), lambda: loss, opt(0.2), {"w": True}) is not a
+  assert step_lib.cached_train_step(("test_loss", 1), lambda: loss, opt(0.1), {"w": False}) is not a
+  assert step_lib.cached_train_step(("test_loss", 2), lambda: loss, opt(0.1), {"w": True}) is not a
   tx, step = a
   params = {"w": jnp.ones((3,))}
   state = st.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -6,21 +6,21 @@ import jax
 import numpy as np
 import pytest
 
-from sleep_jax.eval import qa as qa_eval
-from sleep_jax.sleep import pretrain as pretrain_lib
+from sleep_jax.eval import qa as qa_eval, world_probes
+from sleep_jax.sleep import base_cache, pretrain as pretrain_lib
 
 
 def test_pretrain_caches_and_reloads_bit_identically(tmp_path):
   recipe = pretrain_lib.runlocal()
   logs = []
-  base = pretrain_lib.pretrain_or_load(str(tmp_path), recipe, log=logs.append)
+  base = base_cache.pretrain_or_load(str(tmp_path), recipe, log=logs.append)
   assert base.metrics["steps"] == recipe.max_steps
   assert np.isfinite(base.metrics["history"][-1]["loss"])
   assert set(base.metrics["final"]) >= {"incontext_heldout", "closed_qa", "closed_new"}
   assert base.cfg.vocab_size == base.tokenizer.vocab_size == base.world.tokenizer.vocab_size
 
   logs2 = []
-  again = pretrain_lib.pretrain_or_load(str(tmp_path), recipe, log=logs2.append)
+  again = base_cache.pretrain_or_load(str(tmp_path), recipe, log=logs2.append)
   assert any("loaded" in m for m in logs2) and not any("step" in m for m in logs2)
   assert again.cfg == base.cfg and again.recipe == recipe
   assert again.tokenizer.itos == base.tokenizer.itos
@@ -37,7 +37,7 @@ def test_pretrain_caches_and_reloads_bit_identically(tmp_path):
 
   # Another recipe in the same directory is refused rather than silently mixed up.
   with pytest.raises(ValueError, match="another recipe"):
-    pretrain_lib.pretrain_or_load(str(tmp_path), dataclasses.replace(recipe, lr=1e-4),
+    base_cache.pretrain_or_load(str(tmp_path), dataclasses.replace(recipe, lr=1e-4),
                                   log=logs2.append)
 
 
@@ -98,7 +98,7 @@ def test_weighted_loss_and_dream_quality():
   ones = dict(batch, loss_weight=batch["loss_mask"].astype(np.float32))
   np.testing.assert_allclose(pretrain_lib.masked_lm_loss(params, ones, cfg)[0], loss_u, rtol=1e-6)
 
-  dq = pretrain_lib.dream_quality(params, cfg, w, w.population("heldout")[:3],
+  dq = world_probes.dream_quality(params, cfg, w, w.population("heldout")[:3],
                                   samples_per_person=2, max_new_tokens=4)
   assert set(dq) == {"format_ok", "well_formed", "correct", "eos_first", "distinct_attributes"}
   assert 0.0 <= dq["correct"] <= dq["well_formed"] <= dq["format_ok"] <= 1.0
@@ -108,10 +108,10 @@ def test_packaged_base_is_the_default_recipe_and_reads():
   """The shipped base model (sleep_jax/assets) is what the default recipe would train: same
   recipe, same vocabulary, and it reads never-seen people in context with held-out wordings."""
   recipe = pretrain_lib.PretrainConfig()
-  d = pretrain_lib.packaged_base(recipe)
+  d = base_cache.packaged_base(recipe)
   assert d is not None, ("no packaged base model for PretrainConfig(): retrain it with "
                          "`python -m sleep_jax.sleep.pretrain sleep_jax/assets/world_base`")
-  base = pretrain_lib.load(d)
+  base = base_cache.load(d)
   people = base.world.population("heldout")[:20]
   examples = base.world.in_context_set(people, "eval")
   acc = qa_eval.exact_match(base.params, base.cfg, base.tokenizer, examples, seq_len=recipe.seq_len)
@@ -122,9 +122,9 @@ def test_packaged_base_is_the_default_recipe_and_reads():
 
 def test_packaged_base_is_used_by_pretrain_or_load(tmp_path):
   log = []
-  base = pretrain_lib.pretrain_or_load(str(tmp_path / "base"), pretrain_lib.PretrainConfig(), log=log.append)
-  assert "packaged" in log[0] and pretrain_lib.is_cached(str(tmp_path / "base"))
-  assert pretrain_lib.packaged_base(pretrain_lib.PretrainConfig(lr=1.0)) is None
+  base = base_cache.pretrain_or_load(str(tmp_path / "base"), pretrain_lib.PretrainConfig(), log=log.append)
+  assert "packaged" in log[0] and base_cache.is_cached(str(tmp_path / "base"))
+  assert base_cache.packaged_base(pretrain_lib.PretrainConfig(lr=1.0)) is None
   assert base.recipe == pretrain_lib.PretrainConfig()
 
 

@@ -143,6 +143,7 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
       c.dream_training.batch_size = 4
       c.sft.steps, c.sft.variants = 10, 4
   elif variant == "test":
+    c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     c.seeds = (0,)
     c.data.arc.n_train = 2
     c.data.arc.n_eval = 2

@@ -44,6 +44,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "sleep_cycle"
   c.distributed = "off"
+  # The device mesh the whole cycle runs on (as the LM job's): -1 = every device left. Parameters
+  # and optimizer state are placed by the logical-axis rules (parallel/mesh.py).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Tuples, so that the command line can pick them: --config.methods='("base","sleep")'
   c.seeds = (0,)
   c.methods = tuple(MAIN_METHODS)
@@ -74,7 +77,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   k.gamma = 0.0  # the tiny model is no judge; "sleep_no_semantic" is then the same method
   c.consolidation = k
   c.deep_every = 2
+  # (C_0, C_1, ...) of CMS levels 0, 1, ... in chunks; () = (1, deep_every): two levels.
+  c.sleep_every = ()
   c.deep_lam = 0.0
+  # Per-task protocol (ARC): every chunk starts from the model as it was before the stream.
+  c.reset_between_chunks = False
+  # Dream-generator training before the stream: passes over the task's generator documents.
+  c.generator_training = ml_collections.ConfigDict(dict(epochs=0))
 
   d = dreaming.default_config()
   d.rounds = 2
@@ -88,13 +97,16 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   d.templates = {"continue": "{context}"}
   c.dreaming = d
   c.dream_training = ml_collections.ConfigDict(dict(steps=20, epochs=2, batch_size=8,
-                                                    optimizer=_optimizer(1e-3)))
+                                                    optimizer=_optimizer(1e-3), loss="lm"))
 
-  c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=16, optimizer=_optimizer(1e-3)))
+  # loss: a registered loss name (``losses/``); variants: TTT's task variants per task.
+  c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=16, optimizer=_optimizer(1e-3),
+                                         loss="lm", variants=0))
   # metric: "em" | "contains"; rows: "all" (R[t, j] for every chunk j after chunk t) | "latest"
   # (only R[t, t]: enough for a per-task protocol with reset_between_chunks, T times cheaper).
+  # in_context: every method is scored with the passage in the prompt (ARC: SEAL's protocol).
   c.eval = ml_collections.ConfigDict(dict(retention_people=50, max_new_tokens=2, batch_size=64,
-                                          metric="em", rows="all"))
+                                          metric="em", rows="all", in_context=False))
 
   if variant == "default":
     pass
@@ -163,6 +175,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.sft.steps = 30
       c.sft.optimizer.lr = 1e-5
   elif variant == "test":
+    c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     c.base = _base_recipe(pretrain.runlocal())
     c.seq_len = c.base.seq_len
     c.world_chunks = 2

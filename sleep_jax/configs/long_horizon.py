@@ -68,6 +68,7 @@ def get_config(variant: str = "needles") -> ml_collections.ConfigDict:
     c.data.source = "story"
     c.data.stream = _stream_block(lh.StoryConfig(n_chunks=8))
   elif variant == "test":
+    c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     r = stream_recipe()
     c.base = knowledge._base_recipe(pretrain.PretrainConfig(
         corpus="streams", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=(0, 0, 0, 32),

@@ -159,8 +159,8 @@ class HFTokenizer:
     _require_tokenizers()
     from tokenizers import AddedToken, Tokenizer, decoders, models
     if isinstance(path_or_reader, (str, os.PathLike)):
-      from sleep_jax.model import convert  # the GGUF opener with clear file errors
-      reader = convert.open_gguf(path_or_reader)
+      from sleep_jax.model import checkpoint_readers  # the GGUF opener with clear file errors
+      reader = checkpoint_readers.open_gguf(path_or_reader)
       source = os.fspath(path_or_reader)
     else:
       reader, source = path_or_reader, "<GGUFReader>"

@@ -2,11 +2,11 @@
 
 In the spirit of synthetic biographies (Allen-Zhu & Li, "Physics of Language Models 3.1"): every
 person has a made-up unique name (first + last name drawn from syllable-generated pools) and six
-attributes whose values are each ONE word-level token (DESIGN.md section 5: multi-token answers
+attributes whose values are each ONE word-level token (early probes on this machine: multi-token answers
 stayed near 0% in the tiny model). Everything is a pure function of ``WorldConfig`` (its seed and
 sizes): two worlds with equal configs are equal.
 
-Populations (pairwise disjoint sets of people, DESIGN.md section 5):
+Populations (pairwise disjoint sets of people):
 
 * ``pretrain``  people whose biographies are *only read* during pretraining (language-model loss
   on the passage); nobody ever asks about them. Their closed-book accuracy measures how much a
@@ -400,8 +400,8 @@ class World:
     fits ``max_len`` tokens; the passage keeps ``n_sentences`` = (min, max) of its
     ``N_SENTENCES`` sentences, chosen at random, and only their attributes are asked),
     ``incontext_generate`` (reading population: passage -> a whole
-    ``Q: ... A: ...`` pair, see ``generate_example``), and, off in the default recipe
-    (DESIGN.md section 5): ``bio_qa`` (qa population biographies), ``incontext_qa``,
+    ``Q: ... A: ...`` pair, see ``generate_example``), and, off in the default recipe:
+    ``bio_qa`` (qa population biographies), ``incontext_qa``,
     ``closed_pretrain`` / ``incontext_pretrain`` (QA on the pretrain population).
     ``bio_eos_weight`` weighs the eos closing a biography."""
     comp = sample_component(rng, mixture)

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix (DESIGN.md 1.5).
+"""Continual-learning metrics from an accuracy matrix (the paper's Table 3).
 
 ``R[i, j]`` is the accuracy on task (chunk) j after learning task i, for T tasks. With ``b[j]``
 the accuracy of the model before any learning:

@@ -1,4 +1,4 @@
-"""Generalized knowledge distillation (GKD, Agarwal et al. 2024; DESIGN.md 1.2 step 2).
+"""Generalized knowledge distillation (GKD, Agarwal et al. 2024; docs/method.md section 3 step 2).
 
   L_distill = (1 - lambda) E_{(x,y)~D} F(T||S)(y|x) + lambda E_x E_{y~S(.|x)} F(T||S)(y|x)
 

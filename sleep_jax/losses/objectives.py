@@ -1,66 +1,77 @@
-"""Knowledge Seeding objective (DESIGN.md 1.2 step 4), assembled from the library's pieces.
+"""The Knowledge Seeding objective (docs/method.md section 3 steps 2-4): the loss every consolidation runs.
 
   J_KS = E_x [ (1 - alpha) E_{y~S} r(y) - alpha E_{y~S} D(T||S)(y|x) ]      (maximised)
 
-On student samples y (from ``sampler.sample``), the reward term is optimised by policy gradient
-(``rl.pg_loss`` with a registered advantage estimator) and the divergence term by its direct
-gradient through the student's logits (``divergences.token_divergence``), with no gradient
-through the sampling of y, as in GKD.
+with the divergence part in its GKD form, so the loss minimised is
+
+  L = alpha [ (1 - lambda) F_D + lambda F_S ] + (1 - alpha) L_PG(r)
+
+``F_D``: per-token divergence F(T||S) on teacher samples D (drawn once, before training);
+``F_S``: the same on student samples; ``L_PG``: policy gradient (``rl.pg_loss`` with a registered
+advantage estimator) for the learning-to-imitate reward ``r = gamma r_sem + (1 - gamma) r_abs`` of
+a student completion of a random prefix of a teacher sample. ``alpha = 1`` drops imitation,
+``lambda = 0`` is off-policy distillation. No gradient flows through sampling; the teacher's
+logits are computed outside the gradient (``consolidation.completion_logits``).
+
+A replacement objective registered under another name (``@register_loss("mine")``) is picked by
+``config.consolidation.objective = "mine"``; it receives the same batch and hyper-parameters.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 
 from sleep_jax.losses import rl
-from sleep_jax.losses.common import prediction_mask, sanitize, token_mean
-from sleep_jax.losses.divergences import token_divergence
+from sleep_jax.losses.common import prediction_mask, sanitize
+from sleep_jax.losses.distill import DistillBatch, gkd_loss
 from sleep_jax.losses.registry import get_advantage, register_loss
-from sleep_jax.model.transformer import logits_to_logprobs
+from sleep_jax.model import transformer
+from sleep_jax.model.config import ModelConfig
 
 Metrics = dict
 
 
 @register_loss("knowledge_seeding", "ks")
-def knowledge_seeding_loss(student_logits, teacher_logits, tokens, completion_mask, rewards, *,
-                           alpha: float, divergence: str = "fkl", temperature: float = 1.0,
-                           advantage: str = "reinforce", sampling_logprobs=None,
-                           max_is_weight: Optional[float] = None,
-                           aggregation: str = "token_mean", divergence_kwargs=None,
-                           advantage_kwargs=None) -> Tuple[jnp.ndarray, Metrics]:
-  """L = -J_KS = (1 - alpha) L_PG(r) + alpha token_mean D(T||S).
+def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float,
+                           divergence: str = "fkl", divergence_kwargs: Optional[dict] = None,
+                           temperature: float = 1.0, advantage: str = "reinforce"
+                           ) -> Tuple[jax.Array, Metrics]:
+  """L = -J_KS = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG, for the student.
 
-    L_PG = -agg_t w_t A_t exp(log S(y_t) - sg(log S(y_t)))   (grad: -E[A grad log S(y)])
-    A = advantage(r) (e.g. r - mean r for "reinforce", group-normalised for "grpo")
-
-  Args:
-    student_logits, teacher_logits: (B, L, V) logits of the student / teacher on ``tokens``.
-    tokens: (B, L) prompt + student completion (``SampleOutput.tokens``).
-    completion_mask: (B, L) token-aligned completion mask (``SampleOutput.completion_mask``).
-    rewards: (B,) sequence rewards r(y), e.g. the LTI reward (``rewards.lti_rewards``).
-    alpha: weight of the divergence term, in [0, 1].
-    divergence, temperature, divergence_kwargs: the registered D and its knobs.
-    advantage, advantage_kwargs: registered advantage estimator for the reward term.
-    sampling_logprobs: (B, L) ``SampleOutput.logprobs`` when the samples are stale (truncated
-      importance weights, ``rl.importance_weights``); None for fresh samples.
+  The GKD part is ``distill.gkd_loss``; the imitation part is ``rl.pg_loss`` on the LTI rewards.
+  ``batch`` holds the student-side sequences and the teacher's logits on their completion:
+  ``off_*`` (teacher samples; present when lam < 1) and ``on_*`` (student samples; present when
+  lam > 0 or alpha < 1), each with ``tokens, valid, completion_mask`` (B, Ps + N) and
+  ``teacher_logits`` (B, N + 1, V) for positions ``Ps - 1 ...`` (``completion_logits``), plus
+  ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
+  distributions over those N + 1 positions are computed: the prompt's enter no term.
   """
-  pmask = prediction_mask(completion_mask)
-  # Logits at positions that predict no completion token may hold anything; zero them so the
-  # log-softmax of the policy term cannot leak NaN into the gradient.
-  logprobs = logits_to_logprobs(sanitize(student_logits, pmask), tokens)
-  adv = get_advantage(advantage)(rewards, **(advantage_kwargs or {}))
-  pg, pg_metrics = rl.pg_loss(logprobs, completion_mask, adv,
-                              behaviour_logprobs=sampling_logprobs, max_is_weight=max_is_weight,
-                              aggregation=aggregation)
-  per = token_divergence(student_logits, teacher_logits, pmask, divergence=divergence,
-                         temperature=temperature, **(divergence_kwargs or {}))
-  div = token_mean(per, pmask)
-  loss = (1.0 - alpha) * pg + alpha * div
-  reward_mean = jnp.mean(jnp.asarray(rewards, jnp.float32))
-  metrics = {"loss": loss, "pg_loss": pg, "divergence": div, "reward_mean": reward_mean,
-             "objective": (1.0 - alpha) * reward_mean - alpha * div}
-  if "is_weight_mean" in pg_metrics:
-    metrics["is_weight_mean"] = pg_metrics["is_weight_mean"]
+  del rng
+  data, start = {}, {}
+  for side in ("off", "on"):
+    if f"{side}_tokens" not in batch:
+      continue
+    tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
+    start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
+    logits, _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
+                                  slot_mask=batch["slot_mask"], logits_from=start[side])
+    pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
+    data[side] = DistillBatch(logits, t_logits, pmask)
+  gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
+                          data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
+                          temperature=temperature, **(divergence_kwargs or {}))
+  loss = alpha * gkd
+  if alpha < 1.0:
+    mask = batch["on_completion_mask"][:, start["on"]:]
+    # Positions that predict no completion token are zeroed before the log-softmax.
+    clean = sanitize(data["on"].student_logits, data["on"].mask)
+    logprobs = transformer.logits_to_logprobs(clean, batch["on_tokens"][:, start["on"]:])
+    pg, _ = rl.pg_loss(logprobs, mask, get_advantage(advantage)(batch["on_rewards"]))
+    loss = loss + (1.0 - alpha) * pg
+    metrics["imitation_pg"] = pg
+    metrics["imitation_reward"] = jnp.mean(batch["on_rewards"])
+  metrics = {f"gkd_{k}" if k == "loss" else k: v for k, v in metrics.items()}
   return loss, metrics

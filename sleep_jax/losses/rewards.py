@@ -1,4 +1,4 @@
-"""Rewards for Learning to Imitate (LTI, DESIGN.md 1.2 step 3) and for QA tasks.
+"""Rewards for Learning to Imitate (LTI, docs/method.md section 3 step 3) and for QA tasks.
 
   r_abs(d_hat, d) = 1 - lev(d_hat, d) / max(|d_hat|, |d|)   if lev(d_hat, d) <= z0, else 0
   r_sem(d_hat, d) = 1 if a frozen judge says the texts mean the same, else 0

@@ -1,6 +1,6 @@
 """Continuum Memory System MLP level: dense expert(s) + masked low-rank expert slots + router.
 
-One CMS level of one layer computes (DESIGN.md 1.1)
+One CMS level of one layer computes (docs/method.md section 1)
 
     y(x) = sum_e  g_e(x) * SwiGLU_e(x)  +  sum_s  m_s * s_s(x) * B_s^T silu(A_s^T x)
 

@@ -1,6 +1,6 @@
 """Model hyper-parameters: one frozen dataclass shared by tiny CPU models and imported checkpoints.
 
-The Continuum Memory System (CMS, DESIGN.md 1.1) is described per *CMS level*. CMS level ``j``
+The Continuum Memory System (CMS, docs/method.md section 1) is described per *CMS level*. CMS level ``j``
 (0-based, ``j = 0`` fastest) is memory level ``j + 1``; memory level 0 is the attention context.
 Every per-level field is a tuple with one entry per CMS level. The slowest level (the last) holds
 the "base" MLP of a pretrained dense model.

@@ -1,6 +1,6 @@
 """Growing a model without changing its function.
 
-* Slot operations (DESIGN.md 1.1-1.2): ``unlock_slot`` turns on the next free low-rank slot of a
+* Slot operations (docs/method.md sections 1 and 3): ``unlock_slot`` turns on the next free low-rank slot of a
   CMS level with a fresh random ``A`` and a zero ``B`` (so the function is unchanged);
   ``reset_level`` prunes every live slot of a level (zero weights, masked); ``live_slots`` lists
   them. All are pure functions of ``(params, slot_mask)``; shapes never change, so jit caches and

@@ -139,8 +139,13 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
 
 
 def mesh_from_config(config) -> Mesh:
-  """``config.mesh`` is a ConfigDict/dict of axis sizes, e.g. ``{data: -1, fsdp: 1, tensor: 1}``."""
+  """``config.mesh`` is a ConfigDict/dict of axis sizes, e.g. ``{data: -1, fsdp: 1, tensor: 1}``;
+  without a -1 the mesh takes the first devices it needs."""
   sizes = config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else dict(config.mesh)
+  if -1 not in sizes.values():  # fixed sizes: the first devices (e.g. 1 for a one-device run)
+    n = math.prod(int(v) for v in sizes.values())
+    if 0 < n <= jax.device_count():
+      return make_mesh(sizes, jax.devices()[:n])
   return make_mesh(sizes)
 
 

@@ -1,4 +1,4 @@
-"""Memory consolidation = Knowledge Seeding (DESIGN.md 1.2), the first stage of sleep.
+"""Memory consolidation = Knowledge Seeding (docs/method.md section 3), the first stage of sleep.
 
 One consolidation event moves what memory level ``l* - 1`` holds into a newly unlocked low-rank
 slot of CMS level ``l*``:
@@ -8,7 +8,8 @@ slot of CMS level ``l*``:
    the context (memory level 0) the teacher sees the privileged context, the student does not
    (on-policy self-distillation, OPSD); when the source is a fast CMS level the student runs
    with that level's slots switched off, so it must carry their knowledge itself.
-2. *Distil, GKD-style* and 3. *learn to imitate*, together (``ks_loss``):
+2. *Distil, GKD-style* and 3. *learn to imitate*, together (the registered objective
+   ``config.objective``, by default ``losses.objectives.knowledge_seeding_loss``):
 
        L = alpha [ (1 - lambda) F_D + lambda F_S ] + (1 - alpha) L_PG(r)
 
@@ -22,7 +23,7 @@ slot of CMS level ``l*``:
 
 The general form, ``seed_knowledge``, distils one or several (smaller) teacher models into a
 student of any size sharing the vocabulary; ``consolidate`` is its self-distillation case.
-Every paper ablation is a config value (``variant``), not a code path.
+Every paper ablation is a config value (a row of ``methods.METHODS``), not a code path.
 """
 
 from __future__ import annotations
@@ -37,16 +38,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sleep_jax.eval import metrics_writer
 from sleep_jax.losses import rewards as rewards_lib
-from sleep_jax.losses import rl
-from sleep_jax.losses.common import prediction_mask, sanitize, token_mean
-from sleep_jax.losses.distill import DistillBatch, gkd_loss
+from sleep_jax.losses.common import prediction_mask, token_mean
 from sleep_jax.losses.divergences import token_divergence
-from sleep_jax.losses.registry import get_advantage
+from sleep_jax.losses.registry import build_loss, get_divergence
 from sleep_jax.model import growth, sampler, transformer
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.parallel import state as state_lib
+from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import optimizer as opt_lib
+from sleep_jax.train import state as state_lib
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.expand = True  # False: "no expansion" ablation, train the existing parameters instead
   c.lr_existing = 1e-5  # learning rate when existing parameters train (expand=False)
   c.prune = True  # reset the source level's slots afterwards
+  # The objective (a registered loss, ``losses/objectives.py``) and its divergence (registered,
+  # ``losses/divergences.py``): any registered name plugs in.
+  c.objective = "knowledge_seeding"
   c.lam = 0.5  # GKD: fraction of the divergence term on student samples
   c.divergence = "jsd"
   c.divergence_kwargs = ml_collections.ConfigDict()  # e.g. {"beta": 0.5} for jsd
@@ -78,26 +81,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 1.0
   c.sample_top_k = 0
   c.replay_fraction = 0.0  # older episodic-memory items mixed into each sleep
-  return c
-
-
-VARIANTS = {
-    # name: overrides of default_config()
-    "sleep": {},
-    "no_imitation": {"alpha": 1.0},
-    "no_semantic": {"gamma": 0.0},
-    "no_expansion": {"expand": False},
-    "opsd": {"alpha": 1.0, "lam": 1.0, "source_level": -1, "expand": False},
-    "opsd_expansion": {"alpha": 1.0, "lam": 1.0, "source_level": -1},
-}
-
-
-def variant(name: str, base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
-  """``default_config()`` (or ``base``) with the named ablation applied."""
-  if name not in VARIANTS:
-    raise ValueError(f"unknown consolidation variant {name!r}; valid: {sorted(VARIANTS)}")
-  c = ml_collections.ConfigDict(base if base is not None else default_config())
-  c.update(VARIANTS[name])
   return c
 
 
@@ -132,46 +115,6 @@ class Result:
 # ----------------------------------------------------------------------------------------------
 # Pure pieces.
 # ----------------------------------------------------------------------------------------------
-def ks_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float, divergence: str,
-            divergence_kwargs: dict, temperature: float, advantage: str):
-  """L = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG  (module docstring), for the student.
-
-  The GKD part is ``distill.gkd_loss``; the imitation part is ``rl.pg_loss`` on the LTI rewards.
-  ``batch`` holds the student-side sequences and the teacher's logits on their completion:
-  ``off_*`` (teacher samples; present when lam < 1) and ``on_*`` (student samples; present when
-  lam > 0 or alpha < 1), each with ``tokens, valid, completion_mask`` (B, Ps + N) and
-  ``teacher_logits`` (B, N + 1, V) for positions ``Ps - 1 ...`` (``completion_logits``), plus
-  ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
-  distributions over those N + 1 positions are computed: the prompt's enter no term.
-  """
-  del rng
-  data, start = {}, {}
-  for side in ("off", "on"):
-    if f"{side}_tokens" not in batch:
-      continue
-    tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
-    start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
-    logits, _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
-                                  slot_mask=batch["slot_mask"], logits_from=start[side])
-    pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
-    data[side] = DistillBatch(logits, t_logits, pmask)
-  gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
-                          data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
-                          temperature=temperature, **divergence_kwargs)
-  loss = alpha * gkd
-  if alpha < 1.0:
-    mask = batch["on_completion_mask"][:, start["on"]:]
-    # Positions that predict no completion token are zeroed before the log-softmax.
-    clean = sanitize(data["on"].student_logits, data["on"].mask)
-    logprobs = transformer.logits_to_logprobs(clean, batch["on_tokens"][:, start["on"]:])
-    pg, _ = rl.pg_loss(logprobs, mask, get_advantage(advantage)(batch["on_rewards"]))
-    loss = loss + (1.0 - alpha) * pg
-    metrics["imitation_pg"] = pg
-    metrics["imitation_reward"] = jnp.mean(batch["on_rewards"])
-  metrics = {f"gkd_{k}" if k == "loss" else k: v for k, v in metrics.items()}
-  return loss, metrics
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "prompt_len"))
 def completion_logits(params, tokens, valid, slot_mask, cfg, prompt_len):
   """Logits (B, N + 1, V) of ``[prompt (P) | completion (N)]`` at positions ``P - 1 ... P + N - 1``:
@@ -198,11 +141,13 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                    judge: Optional[rewards_lib.Judge] = None,
                    decode: Optional[Callable[[Sequence[int]], str]] = None,
                    on_step: Optional[Callable[[int, dict], None]] = None,
-                   progress: bool = False) -> tuple:
+                   dataset: Optional[Sequence[Sequence[int]]] = None) -> tuple:
   """General Knowledge Seeding: distil ``teachers`` into ``student`` with the KS objective.
 
   Step ``i`` uses teacher ``i mod len(teachers)`` (several smaller models seed one larger one).
-  Items are ``student.prompts[k]`` / ``teacher.prompts[k]``, aligned by index.
+  Items are ``student.prompts[k]`` / ``teacher.prompts[k]``, aligned by index. ``dataset``: one
+  given completion per item (e.g. accepted dreams) used as the off-policy data D instead of
+  teacher samples; the teachers still give the soft targets on it.
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
@@ -215,6 +160,14 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   alpha, lam = float(kcfg.alpha), float(kcfg.lam)
   need_off, need_on, need_pg = lam < 1.0, lam > 0.0 or alpha < 1.0, alpha < 1.0
   stop_tokens = tuple(int(s) for s in stop_tokens)
+  # The objective and its divergence are registered names (``losses/``); a misspelt name or
+  # hyper-parameter fails here, before any compute. The step is memoised under them.
+  hparams = dict(alpha=alpha, lam=lam, divergence=kcfg.divergence,
+                 divergence_kwargs=dict(kcfg.divergence_kwargs),
+                 temperature=float(kcfg.temperature), advantage=kcfg.advantage)
+  make_loss = lambda: build_loss(kcfg.objective, cfg=student.cfg, **hparams)
+  make_loss()
+  get_divergence(kcfg.divergence)
   host_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
   rng, d_rng = jax.random.split(rng)
 
@@ -231,8 +184,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     return out
 
   # 1. The teacher dataset D: ``teacher_samples`` completions per item from every teacher.
-  D = []
-  for t, (teacher, t_len) in enumerate(zip(teachers, t_lens)):
+  D = [] if dataset is None else [[[list(map(int, c))] for c in dataset]] * len(teachers)
+  for t, (teacher, t_len) in enumerate(zip(teachers, t_lens) if dataset is None else ()):
     comps = [[] for _ in range(n_items)]
     for r in range(int(kcfg.teacher_samples)):
       for start in range(0, n_items, B):
@@ -248,22 +201,15 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     D.append(comps)
 
   # 2. Optimisation state: only ``student.trainable`` changes.
-  loss_hparams = dict(cfg=student.cfg, alpha=alpha, lam=lam, divergence=kcfg.divergence,
-                      divergence_kwargs=dict(kcfg.divergence_kwargs),
-                      temperature=float(kcfg.temperature), advantage=kcfg.advantage)
-  tx, step_fn = state_lib.cached_train_step(
-      ("ks_loss", student.cfg, json.dumps({k: v for k, v in loss_hparams.items() if k != "cfg"},
-                                          sort_keys=True)),
-      lambda: functools.partial(ks_loss, **loss_hparams),
-      kcfg.optimizer, state_lib.trainable_arrays(student.trainable))
   # The step donates its state; the student's frozen arrays may be the teacher's own buffers
-  # (self-distillation), so the student trains on a copy.
-  params = jax.tree.map(jnp.copy, student.params)
-  st = state_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-      rng=jnp.copy(state_lib.rng_data(rng)),
-      trainable=jax.tree.map(lambda m: jnp.array(m, bool), student.trainable),
-      extras={"slot_mask": jnp.array(student.slot_mask, bool)})
+  # (self-distillation), so the student trains on a copy (``new_state``).
+  st, shardings = fit_lib.new_state(student.params, opt_lib.make_optimizer(kcfg.optimizer), rng,
+                                    student.trainable, {"slot_mask": jnp.array(student.slot_mask,
+                                                                               bool)})
+  _, step_fn = fit_lib.train_step_for(
+      (kcfg.objective, student.cfg, json.dumps(hparams, sort_keys=True)), make_loss,
+      kcfg.optimizer, student.trainable, shardings)
+  mesh = fit_lib.mesh_of(student.params)
 
   def completion_arrays(comps):
     toks = np.full((B, N), pad_id, np.int32)
@@ -288,9 +234,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                 teacher.params, t_tokens, t_valid, teacher.slot_mask, teacher.cfg, t_len)}
 
   history = []
-  steps = int(kcfg.steps)
-  for i in metrics_writer.progress(range(steps), desc="knowledge seeding", leave=False,
-                                   enabled=None if progress else False):
+
+  def next_batch(i, st):
     t_idx = i % len(teachers)
     teacher = teachers[t_idx]
     items = host_rng.integers(0, n_items, size=B)
@@ -317,27 +262,32 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                                     z0=float(kcfg.z0) if kcfg.z0 > 0 else None, judge=judge,
                                     decode=decode)
         batch["on_rewards"] = jnp.asarray(r, jnp.float32)
-    st, metrics = step_fn(st, batch)
+    return batch if mesh is None else fit_lib.place_batch(batch, mesh)
+
+  def record(i, st, metrics):
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["step"] = i
     history.append(metrics)
     if on_step is not None:
       on_step(i, metrics)
+    return False
+
+  st, _ = fit_lib.fit(st, step_fn, next_batch, int(kcfg.steps), on_step=record)
   return st.params, history
 
 
 def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[Sequence[int]],
                 student_prompts: Sequence[Sequence[int]], kcfg: ml_collections.ConfigDict,
                 rng: jax.Array, **kwargs) -> Result:
-  """One sleep consolidation event of the model itself (DESIGN.md 1.2 steps 1-6).
+  """One sleep consolidation event of the model itself (docs/method.md section 3 steps 1-6).
 
   Args:
     params, slot_mask, cfg: the model at the end of wake (the teacher).
     teacher_prompts: item i as the teacher sees it (with the privileged context when
       ``kcfg.source_level == -1``; identical to ``student_prompts`` otherwise).
     student_prompts: item i as the student sees it (no privileged context).
-    kcfg: ``default_config()`` / ``variant(...)``.
-    **kwargs: ``stop_tokens``, ``pad_id``, ``judge``, ``decode``, ``on_step``, ``progress``
+    kcfg: ``default_config()`` with a method's overrides (``methods.consolidation_config``).
+    **kwargs: ``stop_tokens``, ``pad_id``, ``judge``, ``decode``, ``on_step``
       (see ``seed_knowledge``).
   """
   slot_mask = jnp.asarray(slot_mask)
@@ -364,6 +314,31 @@ def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[S
   if kcfg.prune and src >= 0:
     new_params, new_mask = growth.reset_level(new_params, new_mask, src)
   return Result(new_params, new_mask, slot, history)
+
+
+def consolidate_data(params, slot_mask, cfg: ModelConfig,
+                     teacher_prompts: Sequence[Sequence[int]],
+                     student_prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]], kcfg: ml_collections.ConfigDict,
+                     level: int, slot: int, rng: jax.Array, **kwargs) -> Result:
+  """Distils given completions (a sleep's accepted dreams) into slot ``slot`` of CMS level
+  ``level``, the capacity this sleep unlocked (docs/method.md section 4, last step).
+
+  D is the completions themselves (off-policy, ``lambda = 0``, ``alpha = 1``); the soft targets
+  come from the model that reads ``teacher_prompts`` (the dream's own prompt, with the passage),
+  the student reads ``student_prompts`` (closed-book); only that slot trains, so everything
+  the model knew before keeps its bits. ``**kwargs`` as in ``seed_knowledge``.
+  """
+  slot_mask = jnp.asarray(slot_mask)
+  trainable = state_lib.slot_trainable(params, transformer.param_axes(cfg), level, slot)
+  teacher = Teacher(params, cfg, slot_mask, [list(p) for p in teacher_prompts])
+  student = Student(params, cfg, slot_mask, trainable, [list(p) for p in student_prompts])
+  kcfg = ml_collections.ConfigDict(kcfg.to_dict())
+  kcfg.alpha, kcfg.lam = 1.0, 0.0
+  kcfg.max_new_tokens = max(max(len(c) for c in completions), 1)
+  new_params, history = seed_knowledge([teacher], student, kcfg, rng, dataset=completions,
+                                       **kwargs)
+  return Result(new_params, slot_mask, slot, history)
 
 
 def teacher_student_divergence(teacher: Teacher, student_params, student_cfg, student_mask,

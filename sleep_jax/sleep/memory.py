@@ -1,4 +1,4 @@
-"""Episodic memory: what wake saw, kept for the next sleep (DESIGN.md 1.2).
+"""Episodic memory: what wake saw, kept for the next sleep (docs/method.md section 3).
 
 During wake every chunk's items (a privileged context such as a document or demonstrations, and
 the prompts asked about it) are written here. Consolidation reads the items of the current wake

@@ -1,6 +1,6 @@
 """The base-model recipe: pretrain a tiny CMS transformer on the synthetic world, cache it.
 
-What the base model learns (DESIGN.md section 5, the world in ``data/world.py``):
+What the base model learns (the world in ``data/world.py``):
 
 * to *read* biographies of the ``pretrain`` population (language-model loss on the passage);
 * closed-book QA on the disjoint ``qa`` population (it memorises their facts from the answers);
@@ -15,7 +15,7 @@ What the base model learns (DESIGN.md section 5, the world in ``data/world.py``)
   ``Q: <question> A: <answer>`` + eos, loss on all of it), the format of the cycle's dreams
   (sampled from ``bos + passage``). The eos closing a biography is not trained by default
   (``bio_eos_weight=0``), so a passage is always continued by a question.
-  ``dream_quality`` measures the fraction of sampled dreams that are well-formed and correct.
+  ``eval.world_probes.dream_quality`` measures the fraction of sampled dreams that are well-formed and correct.
 
 No question is ever asked about a ``pretrain`` person, so the model never learns to turn a read
 biography into an answer -- the gap that dreaming and consolidation are meant to close. Training
@@ -24,34 +24,33 @@ templates reaches ``target_incontext`` (checked every ``eval_every`` steps) or a
 Losses are answer-only for QA (the prompt is context, not target) and per-example normalised, so
 a two-token QA target weighs as much as a 40-token biography.
 
-``pretrain_or_load(cache_dir, recipe)`` trains once and caches params + tokenizer + configs +
-metrics in ``cache_dir``; a later call with the same recipe loads them bit-identically.
+``base_cache.pretrain_or_load(cache_dir, recipe)`` trains once and caches params + tokenizer +
+configs + metrics in ``cache_dir``; a later call with the same recipe loads them bit-identically.
 
-The update step is ``sleep_jax.parallel.state.make_train_step`` (single device, no mesh).
+The loop is the one trainer's ``fit`` with ``train.step.make_train_step`` (single device).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sleep_jax.data import world as world_lib
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.eval import qa as qa_eval
+from sleep_jax.eval.world_probes import dream_quality, evaluate
 from sleep_jax.model import config as config_lib
 from sleep_jax.model import transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.losses.lm import lm_loss
-from sleep_jax.parallel import state as state_lib
+from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
 def _print(msg: str) -> None:
   print(msg, flush=True)
@@ -184,9 +183,9 @@ def masked_lm_loss(params, batch, cfg: ModelConfig, slot_mask=None):
 
 def make_optimizer(recipe: PretrainConfig) -> optax.GradientTransformation:
   """The recipe's AdamW (warmup, cosine to ``final_lr_fraction`` x lr, global-norm clip) via the
-  one optimizer factory, ``parallel.state.make_optimizer``."""
+  one optimizer factory, ``train.optimizer.make_optimizer``."""
   import ml_collections
-  return state_lib.make_optimizer(ml_collections.ConfigDict(dict(
+  return opt_lib.make_optimizer(ml_collections.ConfigDict(dict(
       name="adamw", lr=recipe.lr, warmup_steps=recipe.warmup_steps,
       decay_steps=max(recipe.max_steps, recipe.warmup_steps + 1),
       final_lr_fraction=recipe.final_lr_fraction,
@@ -194,7 +193,7 @@ def make_optimizer(recipe: PretrainConfig) -> optax.GradientTransformation:
 
 
 def loss_fn_for(cfg: ModelConfig) -> Callable:
-  """``loss_fn(params, batch, rng) -> (loss, metrics)`` in ``parallel.state``'s interface."""
+  """``loss_fn(params, batch, rng) -> (loss, metrics)`` in ``train.step``'s interface."""
 
   def loss_fn(params, batch, rng):
     del rng
@@ -243,88 +242,6 @@ def report_card(params, cfg: ModelConfig, corpus, recipe: PretrainConfig) -> Dic
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation sets.
-# ----------------------------------------------------------------------------------------------
-def eval_sets(world: world_lib.World, n_heldout: Optional[int] = None,
-              n_closed: Optional[int] = 200) -> Dict[str, list]:
-  """The base model's report card (eval question templates unless named ``*_train_tpl``).
-
-  * ``incontext_heldout``: reading skill on never-seen people, held-out question wording;
-  * ``closed_qa`` / ``closed_qa_train_tpl``: recall of the QA population's memorised facts;
-  * ``closed_pretrain``: closed-book on people whose biographies were only read;
-  * ``closed_new``: closed-book on never-seen people (chance level).
-  """
-  held = world.population("heldout")[:n_heldout]
-  sub = lambda pop: world.population(pop)[:n_closed]
-  new = [p for k in range(world.cfg.n_chunks) for p in world.chunk(k)]
-  return {
-      "incontext_heldout": world.in_context_set(held, "eval"),
-      "closed_qa": world.closed_book_set(sub("qa"), "eval"),
-      "closed_qa_train_tpl": world.closed_book_set(sub("qa"), "train"),
-      "closed_pretrain": world.closed_book_set(sub("pretrain"), "eval"),
-      "closed_new": world.closed_book_set(new, "eval"),
-  }
-
-
-def evaluate(params, cfg: ModelConfig, world: world_lib.World, seq_len: int = 64,
-             **kwargs) -> Dict[str, float]:
-  tok = world.tokenizer
-  return {k: qa_eval.exact_match(params, cfg, tok, v, seq_len=seq_len)
-          for k, v in eval_sets(world, **kwargs).items()}
-
-
-def dream_quality(params, cfg: ModelConfig, world: world_lib.World, people, *,
-                  samples_per_person: int = 2, max_new_tokens: int = 32,
-                  temperature: float = 1.0, seed: int = 0) -> Dict[str, float]:
-  """What the cycle's dreaming would write: samples ``bos + passage`` (variant 0) continuations
-  at ``temperature`` and parses them as ``Q: <question> A: <answer> eos``.
-
-  Returns fractions of samples: ``format_ok`` (``Q: ... A: <one word> eos``, any question),
-  ``well_formed`` (a known question template about this person,
-  a one-word answer, then eos), ``correct`` (well-formed and the answer is the person's value of
-  the asked attribute), ``eos_first`` (the continuation is empty: the model just ends the
-  passage), and ``distinct_attributes`` (mean number of distinct attributes asked per person)."""
-  from sleep_jax.model import sampler
-  tok = world.tokenizer
-  people = list(people)
-  rows = [tok.encode(world.passage(p, 0), add_bos=True) for p in people
-          for _ in range(samples_per_person)]
-  owners = [p for p in people for _ in range(samples_per_person)]
-  toks, valid = sampler.left_pad(rows, tok.pad_id)
-  out = sampler.sample(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.PRNGKey(seed),
-                       cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
-  comp = np.asarray(out.tokens[:, toks.shape[1]:])
-  live = np.asarray(out.completion_mask[:, toks.shape[1]:])
-  n_ok = n_correct = n_eos = n_fmt = 0
-  asked: Dict[int, set] = {}
-  for person, c, m in zip(owners, comp, live):
-    ids = [int(t) for t in c[m]]
-    if ids[:1] == [tok.eos_id]:
-      n_eos += 1
-      continue
-    if not ids or ids[-1] != tok.eos_id:
-      continue
-    text = tok.decode(ids[:-1])
-    if not (text.startswith("Q: ") and " A: " in text):
-      continue
-    q, a = text[3:].rsplit(" A: ", 1)
-    n_fmt += len(tok.encode(a)) == 1
-    hit = [attr for attr in world_lib.ATTRIBUTES for t in range(len(world_lib.QUESTIONS[attr]))
-           if world.question(person, attr, t) == q]
-    if not hit or len(tok.encode(a)) != 1:
-      continue
-    n_ok += 1
-    n_correct += a == person.attrs[hit[0]]
-    asked.setdefault(person.pid, set()).add(hit[0])
-  n = max(len(rows), 1)
-  return {"format_ok": round(n_fmt / n, 4), "well_formed": round(n_ok / n, 4), "correct": round(n_correct / n, 4),
-          "eos_first": round(n_eos / n, 4),
-          "distinct_attributes": round(float(np.mean([len(v) for v in asked.values()]))
-                                       if asked else 0.0, 2)}
-
-
-# ----------------------------------------------------------------------------------------------
 # Training.
 # ----------------------------------------------------------------------------------------------
 def sample_kwargs(recipe: PretrainConfig, step: Optional[int] = None) -> Dict[str, Any]:
@@ -352,47 +269,55 @@ def encode_train_batch(tok: WordTokenizer, examples, recipe: PretrainConfig
 
 
 def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> BaseModel:
-  """Trains the base model from scratch (no caching; see ``pretrain_or_load``)."""
+  """Trains the base model from scratch (no caching; see ``base_cache.pretrain_or_load``)."""
   world = corpus_for(recipe)
   tok = world.tokenizer
   cfg = recipe.model_config(tok.vocab_size)
   init_params = lambda r: transformer.init(r, cfg)
-  optimizer = state_lib.with_cms_frequencies(
+  optimizer = opt_lib.with_cms_frequencies(
       make_optimizer(recipe), transformer.param_shapes(cfg), chunk_sizes=cfg.chunk_sizes)
   state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer)
-  step_fn = state_lib.make_train_step(loss_fn_for(cfg), optimizer)
+  step_fn = step_lib.make_train_step(loss_fn_for(cfg), optimizer)
   mixture = dict(recipe.mixture)
   rng = np.random.default_rng([recipe.seed, 7])
   probe, probe_train_tpl, groups = probe_sets(world, recipe.eval_people)
-  history, t0, train_time = [], time.time(), 0.0
+  history, t0, clock = [], time.time(), {"train_s": 0.0, "step_start": 0.0}
   reached = {}
-  for step in range(1, recipe.max_steps + 1):
-    sample_kw = sample_kwargs(recipe, step)
-    examples = [world.sample_train_example(rng, mixture, **sample_kw)
+
+  def next_batch(i, state):
+    step = i + 1
+    examples = [world.sample_train_example(rng, mixture, **sample_kwargs(recipe, step))
                 for _ in range(recipe.batch_size)]
     batch = encode_train_batch(tok, examples, recipe)
-    ts = time.time()
-    state, m = step_fn(state, batch)
-    if step % recipe.eval_every == 0 or step == recipe.max_steps:
-      jax.block_until_ready(state)
-      train_time += time.time() - ts
-      ok = qa_eval.exact_match_per_example(state.params, cfg, tok, probe, seq_len=recipe.seq_len)
-      acc = float(ok.mean())
-      acc_tr = qa_eval.exact_match(state.params, cfg, tok, probe_train_tpl, seq_len=recipe.seq_len)
-      in_group = {a: np.array([e.attribute == a for e in probe], bool) for a in groups}
-      per_attr = {a: round(float(ok[m].mean()), 2) for a, m in in_group.items() if m.any()}
-      rec = {"step": step, "train_s": round(train_time, 1), "wall_s": round(time.time() - t0, 1),
-             "loss": round(float(m["loss"]), 4), "incontext_heldout": round(acc, 4),
-             "incontext_heldout_train_tpl": round(acc_tr, 4), "per_attribute": per_attr}
-      for thr in (0.5, 0.7, 0.8, 0.9):
-        if acc >= thr and str(thr) not in reached:
-          reached[str(thr)] = {"step": step, "wall_s": rec["wall_s"]}
-      history.append(rec)
-      log(json.dumps(rec))
-      if acc >= recipe.target_incontext:
-        break
-    else:
-      train_time += time.time() - ts
+    clock["step_start"] = time.time()
+    return batch
+
+  def after_step(i, state, m) -> bool:
+    """Every ``eval_every`` steps: in-context exact match on held-out people; stop at target."""
+    step = i + 1
+    if step % recipe.eval_every and step != recipe.max_steps:
+      clock["train_s"] += time.time() - clock["step_start"]
+      return False
+    jax.block_until_ready(state)
+    clock["train_s"] += time.time() - clock["step_start"]
+    ok = qa_eval.exact_match_per_example(state.params, cfg, tok, probe, seq_len=recipe.seq_len)
+    acc = float(ok.mean())
+    acc_tr = qa_eval.exact_match(state.params, cfg, tok, probe_train_tpl, seq_len=recipe.seq_len)
+    in_group = {a: np.array([e.attribute == a for e in probe], bool) for a in groups}
+    per_attr = {a: round(float(ok[g].mean()), 2) for a, g in in_group.items() if g.any()}
+    rec = {"step": step, "train_s": round(clock["train_s"], 1),
+           "wall_s": round(time.time() - t0, 1), "loss": round(float(m["loss"]), 4),
+           "incontext_heldout": round(acc, 4), "incontext_heldout_train_tpl": round(acc_tr, 4),
+           "per_attribute": per_attr}
+    for thr in (0.5, 0.7, 0.8, 0.9):
+      if acc >= thr and str(thr) not in reached:
+        reached[str(thr)] = {"step": step, "wall_s": rec["wall_s"]}
+    history.append(rec)
+    log(json.dumps(rec))
+    return acc >= recipe.target_incontext
+
+  state, step = fit_lib.fit(state, step_fn, next_batch, recipe.max_steps, on_step=after_step)
+  train_time = clock["train_s"]
   params = jax.block_until_ready(state.params)
   wall = round(time.time() - t0, 1)
   card = report_card(params, cfg, world, recipe)
@@ -401,107 +326,6 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
              "n_params": transformer.count_params(params)}
   log(json.dumps({**card, "steps": step, "wall_s": wall}))
   return BaseModel(params, cfg, tok, world, recipe, metrics)
-
-
-# ----------------------------------------------------------------------------------------------
-# Cache.
-# ----------------------------------------------------------------------------------------------
-_PARAMS, _TOK, _META = "params.npz", "tokenizer.json", "base_model.json"
-
-
-def _flatten(params) -> Dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in flat}
-
-
-def _unflatten(flat: Dict[str, np.ndarray]):
-  out: Dict[str, Any] = {}
-  for key, v in flat.items():
-    d = out
-    *head, last = key.split("/")
-    for h in head:
-      d = d.setdefault(h, {})
-    d[last] = jnp.asarray(v)
-  return out
-
-
-def save(base: BaseModel, directory: str) -> None:
-  """Writes params (npz), tokenizer (json) and recipe + model config + metrics (json)."""
-  os.makedirs(directory, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=directory, prefix=".tmp_")
-  np.savez(os.path.join(tmp, _PARAMS), **_flatten(base.params))
-  base.tokenizer.save(os.path.join(tmp, _TOK))
-  meta = {"recipe": base.recipe.to_json(), "model_config": base.cfg.to_config().to_dict(),
-          "metrics": base.metrics}
-  with open(os.path.join(tmp, _META), "w") as f:
-    json.dump(meta, f, indent=1)
-  for name in (_PARAMS, _TOK, _META):  # meta last: its presence marks a complete cache
-    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-  os.rmdir(tmp)
-
-
-def load(directory: str) -> BaseModel:
-  with open(os.path.join(directory, _META)) as f:
-    meta = json.load(f)
-  recipe = PretrainConfig.from_json(meta["recipe"])
-  cfg = ModelConfig.from_config(meta["model_config"])
-  with np.load(os.path.join(directory, _PARAMS)) as z:
-    params = _unflatten({k: z[k] for k in z.files})
-  tok = WordTokenizer.load(os.path.join(directory, _TOK))
-  return BaseModel(params, cfg, tok, corpus_for(recipe), recipe, meta["metrics"])
-
-
-def is_cached(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, _META))
-
-
-def pretrain_or_load(cache_dir: str, recipe: PretrainConfig = PretrainConfig(),
-                     log: Callable[[str], None] = _print) -> BaseModel:
-  """Loads the base model cached in ``cache_dir``, or trains it and caches it there.
-
-  Raises if ``cache_dir`` holds a model of a different recipe (use another directory)."""
-  if is_cached(cache_dir):
-    base = load(cache_dir)
-    if base.recipe != recipe:
-      raise ValueError(f"{cache_dir} caches a base model of another recipe:\n{base.recipe}\n"
-                       f"requested:\n{recipe}\nuse another cache directory")
-    if base.tokenizer.itos != base.world.tokenizer.itos:
-      raise ValueError(f"{cache_dir}: cached tokenizer differs from the world's tokenizer")
-    log(f"loaded base model from {cache_dir}")
-    return base
-  packaged = packaged_base(recipe)
-  if packaged is not None:
-    base = load(packaged)
-    save(base, cache_dir)
-    log(f"using the packaged base model {packaged} (its recipe is the requested one); "
-        f"copied to {cache_dir}")
-    return base
-  base = pretrain(recipe, log=log)
-  save(base, cache_dir)
-  log(f"cached base model in {cache_dir}")
-  return base
-
-
-# Base models that ship with the package (``sleep_jax/assets/<name>``, made with
-# ``python -m sleep_jax.sleep.pretrain sleep_jax/assets/<name>``): the default world recipe takes
-# ~10 CPU-minutes to pretrain, which would not leave the README's main job its 10 minutes.
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-
-
-def packaged_base(recipe: PretrainConfig) -> Optional[str]:
-  """The directory of a shipped base model trained with exactly ``recipe``, or None."""
-  if not os.path.isdir(ASSETS_DIR):
-    return None
-  for name in sorted(os.listdir(ASSETS_DIR)):
-    d = os.path.join(ASSETS_DIR, name)
-    if is_cached(d):
-      with open(os.path.join(d, _META)) as f:
-        same_recipe = PretrainConfig.from_json(json.load(f)["recipe"]) == recipe
-      # The world's text can change without its config changing: the vocabulary tells.
-      if same_recipe and (WordTokenizer.load(os.path.join(d, _TOK)).itos
-                          == corpus_for(recipe).tokenizer.itos):
-        return d
-  return None
 
 
 def main(argv=None):
@@ -523,7 +347,8 @@ def main(argv=None):
       else:
         d[k] = v
     recipe = PretrainConfig.from_json(d)
-  pretrain_or_load(argv[0], recipe)
+  from sleep_jax.sleep import base_cache  # the cache builds on this module
+  base_cache.pretrain_or_load(argv[0], recipe)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ from sleep_jax.model import sampler, transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.parallel import state as state_lib
+from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
 BATCH_KEYS = ("tokens", "valid", "loss_mask")
 
@@ -84,8 +85,8 @@ def make_train_iterator(config, workdir: str, tokenizer):
 
 def build_model_and_optimizer(config):
   cfg = ModelConfig.from_config(config.model)
-  tx = state_lib.make_optimizer(config.optimizer)
-  tx = state_lib.with_cms_frequencies(tx, transformer.param_shapes(cfg),
+  tx = opt_lib.make_optimizer(config.optimizer)
+  tx = opt_lib.with_cms_frequencies(tx, transformer.param_shapes(cfg),
                                       chunk_sizes=cfg.chunk_sizes)
   return cfg, tx
 
@@ -119,7 +120,7 @@ def run(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
 
   # --- Devices and mesh -----------------------------------------------------------------------
-  mesh_lib.initialize_distributed(config.get("distributed", "auto"))
+  mesh_lib.initialize_distributed(config.distributed)
   mesh = mesh_lib.mesh_from_config(config)
   logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -160,37 +161,46 @@ def _run(config, workdir: str, mesh, hooks: Sequence[Hook]) -> Dict[str, Any]:
   logging.info("model: %d parameters", transformer.count_params(state.params))
 
   # --- The update step ------------------------------------------------------------------------
-  train_step = state_lib.make_train_step(make_lm_loss(cfg), tx, state_shardings=shardings,
+  train_step = step_lib.make_train_step(make_lm_loss(cfg), tx, state_shardings=shardings,
                                          batch_shardings=mesh_lib.batch_sharding(mesh))
 
   # --- Loop -----------------------------------------------------------------------------------
   writer = MetricsWriter(workdir)
-  step = int(jax.device_get(state.step))
+  first = int(jax.device_get(state.step))
   total = int(config.train.steps)
-  preempted, last = False, {}
-  bar = progress(total=total, initial=step, desc="train_lm")
+  last: Dict[str, float] = {}
+  preempted = [False]
+  bar = progress(total=total, initial=first, desc="train_lm")
+
+  def next_batch(i, state):
+    local = next(train_iter)
+    return mesh_lib.shard_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+
+  def after_step(i, state, metrics) -> bool:
+    """Log, checkpoint (every ``checkpoint.every`` steps, at the end, on preemption), hooks."""
+    step = i + 1
+    bar.update(1)
+    if step % config.train.log_every == 0 or step == total:
+      last.clear()
+      last.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+      writer.write(step, last)
+      bar.set_postfix(loss=f"{last['loss']:.3f}")
+    preempted[0] = ckpt.should_stop(step)
+    if step % config.checkpoint.every == 0 or step == total or preempted[0]:
+      ckpt.save(step, state, data_iterator=train_iter, position=position)
+    for hook in hooks:
+      hook(step, state)
+    if preempted[0]:
+      logging.warning("stopping at step %d after a preemption request; checkpoint saved", step)
+    return preempted[0]
+
   try:
-    while step < total:
-      local = next(train_iter)
-      batch = mesh_lib.shard_batch({k: local[k] for k in BATCH_KEYS}, mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      bar.update(1)
-      if step % config.train.log_every == 0 or step == total:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        writer.write(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
-      preempted = ckpt.should_stop(step)
-      if step % config.checkpoint.every == 0 or step == total or preempted:
-        ckpt.save(step, state, data_iterator=train_iter, position=position)
-      for hook in hooks:
-        hook(step, state)
-      if preempted:
-        logging.warning("stopping at step %d after a preemption request; checkpoint saved", step)
-        break
+    state, step = fit_lib.fit(state, train_step, next_batch, total, first=first,
+                              on_step=after_step)
   finally:
     bar.close()
     ckpt.wait()  # a pending async save must land even if the loop failed
+  preempted = preempted[0]
 
   # --- Samples --------------------------------------------------------------------------------
   samples = []

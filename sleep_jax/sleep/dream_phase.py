@@ -1,0 +1,131 @@
+"""The dreaming phase of a chunk and the dream generator's training before the stream
+(docs/method.md section 4), as ``phase(state, ctx, t) -> (state, metrics)`` functions
+(see ``phases.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax.model import transformer
+
+from sleep_jax.eval import answers
+from sleep_jax.sleep import dream_batches, dreaming, phases
+from sleep_jax.sleep import methods as methods_lib
+from sleep_jax.sleep.phases import Context, dreams_as_rows
+from sleep_jax.sleep.sleep_state import SleepState
+from sleep_jax.tasks import base as task_lib
+from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import state as state_lib
+
+Metrics = Dict[str, Any]
+
+
+def task_batch(prompts, completions, stop_id: int, pad_id: int):
+  """tau's batch: closed-book prompts followed by target completions (+ stop), sampler layout."""
+  width = max(len(p) for p in prompts)
+  n = max(len(c) for c in completions) + 1
+  toks = np.full((len(prompts), width + n), pad_id, np.int32)
+  valid = np.zeros(toks.shape, bool)
+  cm = np.zeros(toks.shape, bool)
+  for i, (p, c) in enumerate(zip(prompts, completions)):
+    c = list(c) + [stop_id]
+    toks[i, width - len(p):width] = p
+    valid[i, width - len(p):width] = True
+    toks[i, width:width + len(c)] = c
+    valid[i, width:width + len(c)] = True
+    cm[i, width:width + len(c)] = True
+  return {"tokens": jnp.asarray(toks), "valid": jnp.asarray(valid),
+          "completion_mask": jnp.asarray(cm)}
+
+
+def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Generator):
+  """Dream prompts, tau's batch and the task-variant candidate dreams for ``docs``."""
+  s = ctx.setup
+  prompts = task_lib.dream_prompts(s, docs, dcfg.templates)
+  student = task_lib.student_prompts(s, docs)
+  if dcfg.tau_target == "gold":
+    # tau on the known answers of the wake questions (ARC: leave-one-out demonstrations).
+    comps = [s.tok.encode(q.answer) for d in docs for q in d.train_questions]
+  else:
+    # tau: closed-book likelihood of the in-context model's own answers (no labels needed).
+    _, comps, _ = answers.answer(s, st.params, st.slot_mask, docs, ctx.config.eval,
+                                 in_context=True, train=True)
+  tau = task_batch(student, comps, s.fmt.stop_ids[0], s.tok.pad_id)
+  cand = None
+  n = int(dcfg.variants)
+  if n and s.task_variants is not None:
+    # Task variants compete with the model's own dreams as standalone texts (bos + row).
+    rows, _ = task_lib.variant_rows(s, docs, rng, n)
+    b = s.fmt.bos()
+    cand = dream_batches.fixed_dreams([b] * len(rows), [r[len(b):] for r in rows], s.tok.pad_id)
+  return prompts, tau, cand
+
+
+def _dream(st: SleepState, ctx: Context, docs, rng_np, key):
+  dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
+  prompts, tau, cand = dream_inputs(st, ctx, docs, dcfg, rng_np)
+  return dreaming.dream(st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg,
+                        generator=st.generator, stop_tokens=ctx.setup.fmt.stop_ids,
+                        pad_id=ctx.setup.tok.pad_id, candidates=cand)
+
+
+def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """Dreams from the chunk's passages, isolated trials, ReST-EM; the accepted dreams train the
+  slot this sleep unlocked (SEAL, without consolidation: the existing weights)."""
+  m, c = ctx.method, ctx.config
+  if m.learn != "sleep" or m.dreaming is None:
+    return st, {}
+  res = _dream(st, ctx, ctx.setup.chunks[t], np.random.default_rng([ctx.seed, t, 17]),
+               ctx.key(t, "dreaming"))
+  if not c.reset_between_chunks:
+    st.generator = res.generator  # per-task reset: every task starts from the trained one
+  ctx.hook("dreaming", t, 0)
+  info = {"dreams_accepted": len(res),
+          # of them written by the model (the rest are the task variants it was offered)
+          "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
+          "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
+          if res.metrics else 0.0}
+  expands = m.consolidation is not None
+  if len(res) == 0 or (st.slot < 0 and expands):
+    return st, info
+  s, dt = ctx.setup, c.dream_training
+  bs = int(dt.batch_size)
+  # A few passes over the accepted dreams, no more: one accepted dream trained for many steps
+  # at the slot's learning rate overfits it and costs the model its reading skill.
+  steps = min(int(dt.steps), -(-int(dt.epochs) * len(res) // bs))
+  info["dream_training_steps"] = steps
+  rows = dreams_as_rows(res.dreams, s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
+  # Without consolidation (SEAL) the accepted dreams train the existing weights.
+  trainable = (state_lib.slot_trainable(st.params, transformer.param_axes(s.cfg),
+                                        phases.FAST_LEVEL, st.slot)
+               if expands else state_lib.all_trainable(st.params))
+  st.params = fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, rows, trainable, steps=steps,
+                               opt_cfg=dt.optimizer, batch_size=bs,
+                               rng=ctx.key(t, "dream_training"), loss=dt.loss)
+  return st, info
+
+
+def uses_generator(method: methods_lib.Method) -> bool:
+  return method.learn == "sleep" and method.dreaming is not None
+
+
+def init_generator(ctx: Context) -> dreaming.Generator:
+  r = ctx.config.dreaming.rest_em
+  return dreaming.init_generator(ctx.key("generator"), ctx.setup.cfg, r.rank, r.alpha,
+                                 r.targets, r.optimizer)
+
+
+def generator_step(st: SleepState, ctx: Context, i: int) -> Tuple[SleepState, Metrics]:
+  """Dream-generator training step ``i`` (before the stream; nothing is scored): ReST-EM rounds
+  on one training task (``Setup.generator_docs``, epoch after epoch); only the generator
+  changes."""
+  docs = ctx.setup.generator_docs
+  d = docs[i % len(docs)]
+  res = _dream(st, ctx, [d], np.random.default_rng([ctx.seed, i, 31]), ctx.key(i, "generator"))
+  st.generator = res.generator
+  ctx.hook("generator", -1, i)
+  return st, {"task": d.id, "accepted": len(res),
+              "rest_em_n": int(sum(x["rest_em_n"] for x in res.metrics))}

@@ -1,0 +1,192 @@
+"""The phases of one wake/sleep chunk, as functions ``phase(state, ctx, t) -> (state, metrics)``.
+
+``state`` is the run's ``SleepState``; ``ctx`` (``Context``) holds what does not change during a
+run: the config, the task's ``Setup``, the method's row of ``methods.METHODS``, the seed and the
+callbacks. Every random number derives from (seed, method, chunk, phase) (``Context.key``), so a
+resumed run draws exactly what an uninterrupted one would. Which phases run for a method is the
+table's business: a phase that has nothing to do for it returns the state unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from sleep_jax.eval import answers
+from sleep_jax.sleep import consolidation, dreaming
+from sleep_jax.sleep import methods as methods_lib
+from sleep_jax.sleep.memory import Episode
+from sleep_jax.sleep.sleep_state import SleepState
+from sleep_jax.tasks import base as task_lib
+from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import state as state_lib
+
+Metrics = Dict[str, Any]
+FAST_LEVEL = 0  # the CMS level a chunk's consolidation (and its dreams) write into
+
+
+def _no_hook(phase: str, chunk: int, step: int) -> None:
+  del phase, chunk, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  config: ml_collections.ConfigDict
+  setup: task_lib.Setup
+  name: str  # the method's name
+  method: methods_lib.Method
+  seed: int
+  schedule: Tuple[int, ...]  # (C_0, C_1, ...) of this method (``methods.sleep_schedule``)
+  hook: Callable[[str, int, int], None] = _no_hook  # (phase, chunk, step): tests' kill points
+  progress: Callable[..., Any] = None  # tqdm-like bar factory (``metrics_writer.progress``)
+
+  def key(self, *parts) -> jax.Array:
+    """Every random number of a run derives from (seed, method, chunk, phase): resumable."""
+    k = jax.random.key(self.seed)
+    for p in (self.name,) + parts:
+      k = jax.random.fold_in(k, zlib.crc32(str(p).encode()) & 0x7FFFFFFF)
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# Wake and evaluation.
+# ----------------------------------------------------------------------------------------------
+def wake(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """The chunk arrives: its passages and questions go to the episodic memory; the model answers
+  with the passage in context (the in-context score)."""
+  docs = ctx.setup.chunks[t]
+  st.memory.add([Episode(id=d.id, context=d.passage, prompts=[q.q for q in d.train_questions],
+                         cycle=t) for d in docs])
+  return st, answers.wake_score(ctx.setup, st.params, st.slot_mask, docs, ctx.config.eval)
+
+
+def evaluate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """Row t of R; the answers of the latest row (with ``eval.rows="latest"``: of every chunk's
+  own row)."""
+  e = ctx.config.eval
+  in_ctx = ctx.method.in_context or bool(e.in_context)
+  row, recs = answers.eval_row(ctx.setup, st.params, st.slot_mask, e, t, in_ctx)
+  st.R.append(row)
+  st.answers = st.answers + recs if e.rows == "latest" else recs
+  return st, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Consolidation (memory level 0 -> CMS level 0) and deep sleep (level l-1 -> l).
+# ----------------------------------------------------------------------------------------------
+def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase):
+  judge = None
+  if kcfg.gamma > 0 and kcfg.alpha < 1:
+    from sleep_jax.losses.rewards import ModelJudge
+    # The frozen judge is the model as it woke up (before this sleep changed anything).
+    judge = ModelJudge(st.params, ctx.setup.cfg, ctx.setup.tok.encode, slot_mask=st.slot_mask,
+                       pad_id=ctx.setup.tok.pad_id)
+  return with_progress(ctx, t, phase, int(kcfg.steps), lambda on_step: consolidation.consolidate(
+      st.params, st.slot_mask, ctx.setup.cfg, teacher, student, kcfg, ctx.key(t, phase),
+      stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
+      decode=ctx.setup.tok.decode, judge=judge, on_step=on_step))
+
+
+def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable):
+  """``run(on_step)`` under a progress bar named for the method, seed, chunk and phase; every
+  step also reaches the run's hook (tests' kill points)."""
+  bar = ctx.progress(total=steps, desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}",
+                     leave=False)
+
+  def on_step(i, m):
+    bar.update(1)
+    ctx.hook(phase, t, i)
+
+  try:
+    return run(on_step)
+  finally:
+    bar.close()
+
+
+def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """Knowledge Seeding from the model that sees the passage into a new slot of CMS level 0 (the
+  SFT baselines fine-tune here instead)."""
+  m = ctx.method
+  if m.learn == "sft":
+    st.params = sft(st, ctx, t)
+    return st, {}
+  if m.learn != "sleep" or m.consolidation is None:
+    return st, {}
+  kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
+  kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
+  docs = ctx.setup.chunks[t]
+  res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs),
+                     task_lib.student_prompts(ctx.setup, docs), kcfg, t, "consolidation")
+  st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
+  return st, {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
+
+
+def deep_sleep(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """The cascade, fastest level first: CMS level l-1 -> l for every level due after chunk t."""
+  if ctx.method.learn != "sleep":
+    return st, {}
+  for level in methods_lib.levels_due(ctx.schedule, t):
+    st = _deep_level(st, ctx, t, level)
+  return st, {}
+
+
+def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
+  """Level ``level - 1`` -> ``level`` from the episodic memory's questions of the last ``C_level``
+  chunks (what the source level has held since it was last pruned), then prune it."""
+  c = ctx.config
+  kcfg = methods_lib.consolidation_config(ctx.method, c.consolidation)
+  if not kcfg.expand:
+    return st
+  # Level 1 keeps the 2-level driver's random streams (same results); deeper levels their own.
+  rng = np.random.default_rng([ctx.seed, t] if level == 1 else [ctx.seed, t, level])
+  phase = "deep" if level == 1 else f"deep{level}"
+  eps = [e for k in range(t - ctx.schedule[level] + 1, t + 1)
+         for e in st.memory.sample_for_sleep(k, rng, float(c.consolidation.replay_fraction))]
+  prompts = [ctx.setup.fmt.closed_book(q) for e in eps for q in e.prompts]
+  kcfg.source_level, kcfg.target_level = level - 1, level
+  kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
+  res = _consolidate(st, ctx, prompts, prompts, kcfg, t, phase)
+  st.params, st.slot_mask = res.params, res.slot_mask
+  return st
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines that fine-tune every parameter.
+# ----------------------------------------------------------------------------------------------
+def sft(st: SleepState, ctx: Context, t: int):
+  """SFT on the chunk's passages (TTT: on task variants; ``selfgen``: plus self-written dreams)."""
+  c, s, docs = ctx.config, ctx.setup, ctx.setup.chunks[t]
+  if ctx.method.variants:
+    # TTT: the demonstrations as leave-one-out tasks plus task variants, loss on the answers.
+    rows, starts = task_lib.variant_rows(s, docs, np.random.default_rng([ctx.seed, t, 29]),
+                                         int(c.sft.variants))
+  else:
+    rows, starts = task_lib.passage_rows(s, docs)
+  batch = task_lib.pad_rows(rows, starts, int(c.seq_len), s.tok.pad_id)
+  if ctx.method.selfgen:
+    dcfg = c.dreaming
+    out = dreaming.sample_dreams(st.params, s.cfg, st.slot_mask,
+                                 task_lib.dream_prompts(s, docs, dcfg.templates),
+                                 ctx.key(t, "selfgen"), int(dcfg.m), int(dcfg.max_new_tokens),
+                                 float(dcfg.temperature), bool(dcfg.random_expert),
+                                 stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id)
+    extra = dreams_as_rows(dreaming.as_dreams(out), s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
+    batch = {k: np.concatenate([batch[k], extra[k]]) for k in batch}
+  return fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, batch,
+                          state_lib.all_trainable(st.params), steps=int(c.sft.steps),
+                          opt_cfg=c.sft.optimizer, batch_size=int(c.sft.batch_size),
+                          rng=ctx.key(t, "sft"), loss=c.sft.loss)
+
+
+def dreams_as_rows(dreams: dreaming.Dreams, prefix, seq_len: int, pad_id: int):
+  """Dreams become closed-book training rows: ``prefix + completion`` (the passage that prompted
+  them is not shown, as in SEAL's self-edits), loss on the completion."""
+  toks = np.asarray(dreams.tokens)
+  cm = np.asarray(dreams.completion_mask, bool)
+  rows = [list(prefix) + t[m].tolist() for t, m in zip(toks, cm)]
+  return task_lib.pad_rows(rows, [len(prefix)] * len(rows), seq_len, pad_id)

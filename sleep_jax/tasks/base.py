@@ -1,0 +1,120 @@
+"""The interface between the sleep engine and an experiment.
+
+A task file builds a ``Setup`` (what the model reads, in which order, and how it is probed) and
+says how a finished run is scored and reported. The engine (``sleep/``) sees only these:
+
+* ``Setup``: the model (params, config, tokenizer, prompt format), the wake stream of document
+  chunks, the retention probes, dream-generator training documents, task variants, per-question
+  grouping for reports;
+* ``Task``: a record of the experiment's functions, ``setup``, ``for_seed``, ``finish_run`` and
+  ``report``; prompts come from the setup's format (``teacher_prompts`` etc. below), so a task
+  that needs other prompts swaps its format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from sleep_jax.data import documents
+
+
+@dataclasses.dataclass
+class Setup:
+  params: Any
+  cfg: Any  # ModelConfig
+  tok: Any  # tokenizer (encode/decode/pad_id/bos_id/eos_id)
+  fmt: Any  # documents.WorldFormat | documents.ChatFormat
+  chunks: List[List[documents.Document]]  # the wake stream
+  extra_evals: Dict[str, tuple]  # name -> (documents, in_context): retention probes
+  base_metrics: Dict[str, Any]
+  # Dream-generator training tasks (ARC: disjoint from the stream's held-out tasks); the driver
+  # trains the ReST-EM generator on them before the stream. Never scored.
+  generator_docs: List[documents.Document] = dataclasses.field(default_factory=list)
+  # (document id, rng, n) -> task-variant documents of that document (ARC: its leave-one-out
+  # tasks and n random augmentations; each eval question is a demonstration, never the test).
+  task_variants: Optional[Callable[[str, np.random.Generator, int], List[documents.Document]]] = None
+  # Per eval question text: {"distance": chunks back the answer lies, "kind": ...} maps
+  # (long-horizon streams); reports group the final answers by them.
+  query_info: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def _same_setup(config, setup: Setup, seed: int) -> Setup:
+  del config, seed
+  return setup
+
+
+def _as_is(config, setup: Setup, result: Dict[str, Any]) -> Dict[str, Any]:
+  del config, setup
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One experiment's plug-in functions.
+
+  Attributes:
+    name: the ``config.data.source`` value that selects it.
+    setup: ``(config, model: models.Model) -> Setup``.
+    report: ``(results, workdir) -> markdown`` writes results.md and the plots.
+    for_seed: ``(config, setup, seed) -> Setup`` (e.g. every seed reads its own stream).
+    finish_run: ``(config, setup, result) -> result`` with the task's own entries added to a
+      finished run's result (e.g. partial credit, accuracy by distance).
+  """
+  name: str
+  setup: Callable[..., Setup]
+  report: Callable[[Dict[str, Any], str], str]
+  for_seed: Callable[..., Setup] = _same_setup
+  finish_run: Callable[..., Dict[str, Any]] = _as_is
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts every task gets from its format.
+# ----------------------------------------------------------------------------------------------
+def teacher_prompts(setup: Setup, docs: Sequence[documents.Document]) -> List[List[int]]:
+  """The wake questions with the passage in context (the teacher's view)."""
+  return [setup.fmt.with_context(d.passage, q.q) for d in docs for q in d.train_questions]
+
+
+def student_prompts(setup: Setup, docs: Sequence[documents.Document]) -> List[List[int]]:
+  """The same questions closed-book (the student's view)."""
+  return [setup.fmt.closed_book(q.q) for d in docs for q in d.train_questions]
+
+
+def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
+  """One dream prompt per (document, template)."""
+  return [setup.fmt.dream_prompt(d.passage, tpl) for d in docs for tpl in templates.values()]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], loss_from: Sequence[int], seq_len: int, pad_id: int):
+  """Right-padded LM rows; the loss covers tokens from ``loss_from[i]`` on."""
+  out = {"tokens": np.full((len(rows), seq_len), pad_id, np.int32),
+         "valid": np.zeros((len(rows), seq_len), bool),
+         "loss_mask": np.zeros((len(rows), seq_len), bool)}
+  for i, (r, start) in enumerate(zip(rows, loss_from)):
+    r = list(r)[:seq_len]
+    out["tokens"][i, :len(r)] = r
+    out["valid"][i, :len(r)] = True
+    out["loss_mask"][i, max(start, 1):len(r)] = True
+  return out
+
+
+def variant_rows(setup: Setup, docs, rng: np.random.Generator, n: int):
+  """Task-variant training rows of ``docs`` (``Setup.task_variants``): ``with_context(variant
+  demonstrations, held-out demonstration input) + answer``; returns (rows, prompt lengths)."""
+  rows, starts = [], []
+  for d in docs:
+    for v in setup.task_variants(d.id, rng, n):
+      for q in v.eval_questions:
+        prompt = setup.fmt.with_context(v.passage, q.q)
+        rows.append(prompt + setup.fmt.answer(q.answer))
+        starts.append(len(prompt))
+  return rows, starts
+
+
+def passage_rows(setup: Setup, docs) -> tuple:
+  """Each passage as one LM row (the SFT baseline's data); returns (rows, loss starts)."""
+  rows = [setup.fmt.document(d.passage) for d in docs]
+  return rows, [len(setup.fmt.bos())] * len(rows)

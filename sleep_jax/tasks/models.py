@@ -1,0 +1,50 @@
+"""The model a task runs on (``config.model_source``): the tiny world base model (pretrained once from
+``config.base`` and cached, or the packaged asset) or an imported GGUF checkpoint (SmolLM2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict
+
+from sleep_jax.data import documents
+from sleep_jax.data import world as world_lib
+from sleep_jax.sleep import base_cache, pretrain
+
+
+@dataclasses.dataclass
+class Model:
+  params: Any
+  cfg: Any  # ModelConfig
+  tok: Any
+  fmt: Any  # documents.WorldFormat | documents.ChatFormat
+  base_metrics: Dict[str, Any]
+  corpus: Any  # the world base's pretraining corpus (None for an imported model)
+
+
+def base_recipe(config) -> pretrain.PretrainConfig:
+  """``config.base`` as the recipe dataclass."""
+  b = config.base.to_dict()
+  world = world_lib.WorldConfig(**b.pop("world"))
+  for k in ("d_ff", "n_experts", "chunk_sizes"):
+    b[k] = tuple(b[k])
+  if "mixture" in b:
+    b["mixture"] = tuple((str(x), float(y)) for x, y in b["mixture"])
+  return pretrain.PretrainConfig(world=world, **b)
+
+
+def load(config, workdir: str, log=print) -> Model:
+  c = config
+  if c.model_source == "world":
+    cache = c.base_cache or os.path.join(workdir, "base")
+    base = base_cache.pretrain_or_load(cache, base_recipe(c), log=log)
+    return Model(base.params, base.cfg, base.tokenizer, documents.WorldFormat(base.tokenizer),
+                 base.metrics, base.world)
+  if c.model_source == "gguf":
+    from sleep_jax.data.hf_tokenizer import HFTokenizer
+    from sleep_jax.model import convert, fetch
+    path = c.gguf or str(fetch.smollm2_path())
+    cfg, params = convert.load_gguf(path)
+    tok = HFTokenizer.from_gguf(path)
+    return Model(params, cfg, tok, documents.ChatFormat(tok), {}, None)
+  raise ValueError(f"model_source={c.model_source!r}; valid: 'world', 'gguf'")
