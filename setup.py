@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Sleep (memory consolidation + dreaming) for continual learning of LMs, JAX/TPU-first",
     packages=find_packages(include=["sleep_jax", "sleep_jax.*"]),
-    # The shipped base model(s) of the built-in experiment (sleep/base_cache.py: packaged_base).
+    # The shipped base model(s) of the built-in experiment (tasks/base_cache.py: packaged_base).
     package_data={"sleep_jax": ["assets/*/*"]},
     python_requires=">=3.10",
     install_requires=[

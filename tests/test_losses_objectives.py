@@ -87,13 +87,14 @@ def _ks_batch(seed, cfg, params):
 def test_knowledge_seeding_endpoints_and_mix():
   """alpha = 1: the GKD mix of the two sides' divergences; alpha = 0: the imitation policy
   gradient; in between, the gradient is the alpha-mix of the two."""
-  from sleep_jax.model import transformer as T
-  import tiny_kv as kv
-  params = T.init(jax.random.key(0), kv.CFG)
-  batch, ps = _ks_batch(10, kv.CFG, params)
+  from sleep_jax.model import config, transformer as T
+  cfg = config.tiny(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=(0, 32),
+                    n_experts=(1, 1), n_slots=1, slot_rank=4, chunk_sizes=(1, 1))
+  params = T.init(jax.random.key(0), cfg)
+  batch, ps = _ks_batch(10, cfg, params)
 
   def student(p, side):
-    logits = T.apply(p, batch[f"{side}_tokens"], kv.CFG, valid=batch[f"{side}_valid"],
+    logits = T.apply(p, batch[f"{side}_tokens"], cfg, valid=batch[f"{side}_valid"],
                      slot_mask=batch["slot_mask"], logits_from=ps - 1)[0]
     return logits, L.prediction_mask(batch[f"{side}_completion_mask"])[:, ps - 1:]
 
@@ -109,15 +110,18 @@ def test_knowledge_seeding_endpoints_and_mix():
     return L.pg_loss(lp, batch["on_completion_mask"][:, ps - 1:], r - r.mean())[0]
 
   ks = lambda p, a, lam: L.knowledge_seeding_loss(
-      p, batch, None, cfg=kv.CFG, alpha=a, lam=lam, divergence="jsd",
+      p, batch, None, cfg=cfg, alpha=a, lam=lam, divergence="jsd",
       divergence_kwargs={"beta": 0.5})[0]
   lam = 0.25
   gkd = lambda p: (1 - lam) * div(p, "off") + lam * div(p, "on")
-  np.testing.assert_allclose(ks(params, 1.0, lam), gkd(params), rtol=1e-5)
-  np.testing.assert_allclose(ks(params, 0.0, lam), pg(params), rtol=1e-5, atol=1e-7)
+  # Jitted: op-by-op dispatch of the model's forward and backward is what makes this test slow.
+  both = jax.jit(lambda p: (ks(p, 1.0, lam), gkd(p), ks(p, 0.0, lam), pg(p)))
+  k1, g1, k0, p0 = both(params)
+  np.testing.assert_allclose(k1, g1, rtol=1e-5)
+  np.testing.assert_allclose(k0, p0, rtol=1e-5, atol=1e-7)
   a = 0.3
-  g = jax.grad(lambda p: ks(p, a, lam))(params)
-  g_pg, g_div = jax.grad(pg)(params), jax.grad(gkd)(params)
+  g, g_pg, g_div = jax.jit(lambda p: (jax.grad(lambda q: ks(q, a, lam))(p), jax.grad(pg)(p),
+                                      jax.grad(gkd)(p)))(params)
   jax.tree.map(lambda x, y, z: np.testing.assert_allclose(x, (1 - a) * y + a * z, rtol=1e-4,
                                                           atol=1e-6), g, g_pg, g_div)
   assert L.get_loss("ks") is L.knowledge_seeding_loss

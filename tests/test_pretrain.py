@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from sleep_jax.data import world_encode
 from sleep_jax.eval import qa as qa_eval, world_probes
-from sleep_jax.sleep import base_cache, pretrain as pretrain_lib
+from sleep_jax.tasks import base_cache, pretrain as pretrain_lib
 
 
 def test_pretrain_caches_and_reloads_bit_identically(tmp_path):
@@ -89,7 +90,7 @@ def test_weighted_loss_and_dream_quality():
   p = w.population("reading")[0]
   exs = [w.multi_question(p, ["city", "field"], [0, 1], question_weight=0.5),
          w.in_context(p, "city", 0)]
-  batch = world_lib.encode_batch(tok, exs, 64)
+  batch = world_encode.encode_batch(tok, exs, 64)
   loss_w, _ = pretrain_lib.masked_lm_loss(params, batch, cfg)
   unweighted = {k: v for k, v in batch.items() if k != "loss_weight"}
   loss_u, _ = pretrain_lib.masked_lm_loss(params, unweighted, cfg)
@@ -110,7 +111,7 @@ def test_packaged_base_is_the_default_recipe_and_reads():
   recipe = pretrain_lib.PretrainConfig()
   d = base_cache.packaged_base(recipe)
   assert d is not None, ("no packaged base model for PretrainConfig(): retrain it with "
-                         "`python -m sleep_jax.sleep.pretrain sleep_jax/assets/world_base`")
+                         "`python -m sleep_jax.tasks.pretrain sleep_jax/assets/world_base`")
   base = base_cache.load(d)
   people = base.world.population("heldout")[:20]
   examples = base.world.in_context_set(people, "eval")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sleep_jax.data import world as world_lib
+from sleep_jax.data import world_encode
 from sleep_jax.data.world import ATTRIBUTES, World, WorldConfig
 
 SMALL = WorldConfig(seed=3, n_pretrain=30, n_qa=30, n_reading=30, n_heldout=10, n_chunks=3, chunk_size=6,
@@ -69,7 +70,7 @@ def test_values_single_token_and_in_passage(world):
     for a in ATTRIBUTES:
       assert p.attrs[a] in text.split() or p.attrs[a] + "." in text or p.attrs[a] + "," in text
   ex = world.in_context(p, "city", 0, 2)
-  ids, mask = world_lib.encode(tok, ex)
+  ids, mask = world_encode.encode(tok, ex)
   assert ids[mask].tolist() == [tok.token_id(p.attrs["city"]), tok.eos_id]
   assert ex.prompt.endswith("A:") and ex.prompt.startswith(world.passage(p, 2))
 
@@ -146,8 +147,8 @@ def test_multi_question_and_generate_examples(world):
   # The first question is exactly the in-context eval format.
   single = world.in_context(p, "city", 0, 1)
   assert (ex.prompt + " " + ex.target).startswith(single.prompt + " " + single.target)
-  ids, w = world_lib.encode_weighted(tok, ex)
-  ids2, mask = world_lib.encode(tok, ex)
+  ids, w = world_encode.encode_weighted(tok, ex)
+  ids2, mask = world_encode.encode(tok, ex)
   np.testing.assert_array_equal(ids, ids2)
   np.testing.assert_array_equal(mask, w > 0)
   assert ids[-1] == tok.eos_id and w[-1] == 1.0
@@ -160,24 +161,24 @@ def test_multi_question_and_generate_examples(world):
   assert all(tok.itos[ids[i]] == "Q" and w[i] == 0.0 for i in after)
   # Answer-only variant: the loss mask covers exactly the answers and eos.
   ex0 = world.multi_question(p, attrs, tpls, variant=1)
-  assert world_lib.encode(tok, ex0)[0][world_lib.encode(tok, ex0)[1]].tolist() == full
+  assert world_encode.encode(tok, ex0)[0][world_encode.encode(tok, ex0)[1]].tolist() == full
 
   g = world.generate_example(p, "employer", 1, 2)
-  ids, mask = world_lib.encode(tok, g)
+  ids, mask = world_encode.encode(tok, g)
   assert g.prompt == world.passage(p, 2) and mask[len(tok.encode(g.prompt, add_bos=True)):].all()
   assert tok.decode(ids[mask][:-1]) == f"Q: {world.question(p, 'employer', 1)} A: {p.attrs['employer']}"
 
   rng = np.random.default_rng(0)
   for _ in range(30):
     e = world.sample_train_example(rng, {"incontext_multi": 1.0}, n_questions=(3, 6), max_len=80)
-    assert len(world_lib.encode(tok, e)[0]) <= 80 and e.kind == "multi"
+    assert len(world_encode.encode(tok, e)[0]) <= 80 and e.kind == "multi"
     assert 1 <= e.target.count("Q:") <= 6
     assert world.people[e.pid] in world.population("reading")
-  b = world_lib.encode_batch(tok, [ex, g, single], 128)
+  b = world_encode.encode_batch(tok, [ex, g, single], 128)
   assert b["loss_weight"].dtype == np.float32
   np.testing.assert_array_equal(b["loss_mask"], b["loss_weight"] > 0)
   bio = world.sample_train_example(rng, {"bio": 1.0}, bio_eos_weight=0.0)
-  assert not world_lib.encode(tok, bio)[1][-1]
+  assert not world_encode.encode(tok, bio)[1][-1]
 
 
 def test_many_passage_regime_documents(world):

@@ -24,7 +24,8 @@ import json
 
 import ml_collections
 
-from sleep_jax.sleep import consolidation, dreaming, pretrain
+from sleep_jax.sleep import consolidation, dreaming
+from sleep_jax.tasks import pretrain
 
 MAIN_METHODS = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
 ALL_METHODS = MAIN_METHODS + ("sft_selfgen", "sleep_no_imitation", "sleep_no_semantic",

@@ -23,6 +23,15 @@ class ConfigKeyError(ValueError):
   """An override names a config key that does not exist."""
 
 
+def pick(table, name: str, what: str):
+  """``table[name]``, or a ValueError naming the nearest valid name and all of them."""
+  if name not in table:
+    near = difflib.get_close_matches(str(name), list(table), n=1)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    raise ValueError(f"unknown {what} {name!r}.{hint} Valid: {sorted(table)}")
+  return table[name]
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``path/to/file.py[:variant]`` -> the file's ``get_config(variant)``."""
   path, _, arg = spec.partition(":")

@@ -25,7 +25,7 @@ import ml_collections
 
 from sleep_jax.configs import knowledge
 from sleep_jax.data import long_horizon as lh
-from sleep_jax.sleep import pretrain
+from sleep_jax.tasks import pretrain
 
 METHODS = ("base", "in_context", "in_context_window", "sft", "sleep_l1", "sleep_l2", "sleep_l4")
 

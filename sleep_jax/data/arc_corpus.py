@@ -3,7 +3,7 @@
 The few-shot experiment (experiments/few_shot) needs a word-level model whose vocabulary covers
 ``arc.GRID_VOCAB`` plus ``Q``/``A`` and that can already infer a grid program from a few
 demonstrations in its context (the in-context score is the ICL baseline). ``ArcCorpus`` is the
-corpus that ``sleep.pretrain`` trains it on (``PretrainConfig.corpus = corpus_name(...)``; the
+corpus that ``tasks.pretrain`` trains it on (``PretrainConfig.corpus = corpus_name(...)``; the
 same loop as the world's base model), with the interface ``pretrain.corpus_for`` expects:
 ``tokenizer``, ``sample_train_example(rng, mixture, **kw)``, ``probe_sets(n)``, ``eval_sets()``.
 

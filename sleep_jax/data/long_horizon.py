@@ -287,7 +287,7 @@ def solve(passages: Sequence[str], question: str) -> Tuple[Optional[str], Option
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretraining corpus for the stream base model (``sleep.pretrain``, ``corpus="streams"``).
+# Pretraining corpus for the stream base model (``tasks.pretrain``, ``corpus="streams"``).
 # ----------------------------------------------------------------------------------------------
 TRAIN_SEEDS = (1000, 2000)  # streams the base model reads (never the evaluated seeds 0, 1, 2, ...)
 MEMORISED_SEEDS = (2000, 2016)  # streams whose end state it memorises (closed-book format)
@@ -295,7 +295,7 @@ HELDOUT_SEEDS = (3000, 3100)  # never trained: the stopping-rule probe and the r
 
 
 class StreamCorpus:
-  """What the stream base model learns from, in the interface ``sleep.pretrain`` trains on
+  """What the stream base model learns from, in the interface ``tasks.pretrain`` trains on
   (``tokenizer``, ``sample_train_example``, ``probe_sets``, ``eval_sets``; examples are
   ``world.Example``). Both families, default sizes, train templates only:
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax.data import world as world_lib
+from sleep_jax.data import world_encode
 from sleep_jax.model import transformer
 from sleep_jax.model.config import ModelConfig
 
@@ -38,7 +39,7 @@ def exact_match_per_example(params, cfg: ModelConfig, tok, examples: Sequence[wo
     chunk = list(examples[i:i + batch_size])
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)  # fixed shapes: one compilation
-    b = world_lib.encode_batch(tok, chunk, seq_len)
+    b = world_encode.encode_batch(tok, chunk, seq_len)
     ok = _correct(params, b["tokens"], b["valid"], b["loss_mask"], slot_mask, cfg=cfg)
     out.append(np.asarray(ok)[:n])
   return np.concatenate(out) if out else np.zeros((0,), bool)
@@ -57,7 +58,7 @@ def first_answer_tokens(params, cfg: ModelConfig, tok, examples: Sequence[world_
   """(N,) int: the greedy first answer token for each example's prompt."""
   if slot_mask is None:
     slot_mask = transformer.slot_mask_none(cfg)
-  b = world_lib.encode_batch(tok, examples, seq_len)
+  b = world_encode.encode_batch(tok, examples, seq_len)
   return np.asarray(_first_answer(params, b["tokens"], b["valid"], b["loss_mask"], slot_mask,
                                   cfg=cfg))
 

@@ -9,11 +9,12 @@ A ``Method`` says which phases learn and how: ``learn`` picks the learner ("none
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import ml_collections
+
+from sleep_jax.configs import loader
 
 Overrides = Mapping[str, Any]
 _NONE: Overrides = MappingProxyType({})
@@ -106,11 +107,7 @@ ONE_LINE = {
 
 
 def get(name: str) -> Method:
-  if name not in METHODS:
-    near = difflib.get_close_matches(str(name), list(METHODS), n=1)
-    hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"unknown method {name!r}.{hint} Valid: {sorted(METHODS)}")
-  return METHODS[name]
+  return loader.pick(METHODS, name, "method")
 
 
 def _with(block: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:

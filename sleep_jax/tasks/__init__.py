@@ -3,8 +3,7 @@ picks the task. Adding an experiment is adding a file and a line here."""
 
 from __future__ import annotations
 
-import difflib
-
+from sleep_jax.configs import loader
 from sleep_jax.tasks import arc, long_horizon, world
 from sleep_jax.tasks.base import Task
 
@@ -19,8 +18,4 @@ def make_setup(config, workdir: str, log=print):
 
 
 def get(source: str) -> Task:
-  if source not in TASKS:
-    near = difflib.get_close_matches(str(source), list(TASKS), n=1)
-    hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"data.source={source!r}.{hint} Valid: {sorted(TASKS)}")
-  return TASKS[source]
+  return loader.pick(TASKS, source, "data.source")

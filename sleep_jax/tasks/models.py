@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
-from sleep_jax.sleep import base_cache, pretrain
+from sleep_jax.tasks import base_cache, pretrain
 
 
 @dataclasses.dataclass

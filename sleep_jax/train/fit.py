@@ -2,7 +2,7 @@
 
 ``fit`` is the loop of every optimisation in the project: a consolidation (its batches sample the
 student on-policy), the SFT baselines and dream training (``fit_rows``), the base-model recipe
-(``sleep/pretrain.py``) and the LM job (``train/lm_job.py``). What differs between them is how a
+(``tasks/pretrain.py``) and the LM job (``train/lm_job.py``). What differs between them is how a
 batch is made and what happens after a step (evaluation, checkpoints, a progress bar): the two
 callbacks. ``new_state`` builds the ``TrainState`` of a run that starts from existing parameters;
 on a mesh the state lands where its parameters are and the step pins it there.

@@ -16,7 +16,7 @@ import numpy as np
 
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.sleep.pretrain import BaseModel, PretrainConfig, _print, corpus_for, pretrain
+from sleep_jax.tasks.pretrain import BaseModel, PretrainConfig, _print, corpus_for, pretrain
 
 _PARAMS, _TOK, _META = "params.npz", "tokenizer.json", "base_model.json"
 
@@ -95,7 +95,7 @@ def pretrain_or_load(cache_dir: str, recipe: PretrainConfig = PretrainConfig(),
 
 
 # Base models that ship with the package (``sleep_jax/assets/<name>``, made with
-# ``python -m sleep_jax.sleep.pretrain sleep_jax/assets/<name>``): the default world recipe takes
+# ``python -m sleep_jax.tasks.pretrain sleep_jax/assets/<name>``): the default world recipe takes
 # ~10 CPU-minutes to pretrain, which would not leave the README's main job its 10 minutes.
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "assets")

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from sleep_jax.data import world as world_lib
+from sleep_jax.data import world_encode
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.eval import qa as qa_eval
 from sleep_jax.eval.world_probes import dream_quality, evaluate
@@ -265,7 +266,7 @@ def encode_train_batch(tok: WordTokenizer, examples, recipe: PretrainConfig
   longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.target)) + 2 for e in examples)
   width = min(max(recipe.seq_len, -(-longest // 16) * 16), max(recipe.seq_len,
                                                                recipe.train_seq_len))
-  return world_lib.encode_batch(tok, examples, width)
+  return world_encode.encode_batch(tok, examples, width)
 
 
 def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> BaseModel:
@@ -329,7 +330,7 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
 
 
 def main(argv=None):
-  """``python -m sleep_jax.sleep.pretrain CACHE_DIR [key=value ...]`` (recipe overrides)."""
+  """``python -m sleep_jax.tasks.pretrain CACHE_DIR [key=value ...]`` (recipe overrides)."""
   import sys
   argv = sys.argv[1:] if argv is None else argv
   if not argv:
