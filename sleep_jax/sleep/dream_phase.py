@@ -9,10 +9,8 @@ from typing import Any, Dict, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_jax.model import transformer
-
 from sleep_jax.eval import answers
-from sleep_jax.sleep import dream_batches, dreaming, phases
+from sleep_jax.sleep import consolidation, dream_batches, dreaming, phases
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.phases import Context, dreams_as_rows
 from sleep_jax.sleep.sleep_state import SleepState
@@ -97,14 +95,32 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   # at the slot's learning rate overfits it and costs the model its reading skill.
   steps = min(int(dt.steps), -(-int(dt.epochs) * len(res) // bs))
   info["dream_training_steps"] = steps
-  rows = dreams_as_rows(res.dreams, s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
-  # Without consolidation (SEAL) the accepted dreams train the existing weights.
-  trainable = (state_lib.slot_trainable(st.params, transformer.param_axes(s.cfg),
-                                        phases.FAST_LEVEL, st.slot)
-               if expands else state_lib.all_trainable(st.params))
-  st.params = fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, rows, trainable, steps=steps,
-                               opt_cfg=dt.optimizer, batch_size=bs,
-                               rng=ctx.key(t, "dream_training"), loss=dt.loss)
+  if not expands:
+    # SEAL: the accepted dreams train the existing weights by SFT (no consolidation).
+    rows = dreams_as_rows(res.dreams, s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
+    st.params = fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, rows,
+                                 state_lib.all_trainable(st.params), steps=steps,
+                                 opt_cfg=dt.optimizer, batch_size=bs,
+                                 rng=ctx.key(t, "dream_training"), loss=dt.loss)
+    return st, info
+  # Sleep: the dreams are consolidated into the slot this sleep unlocked. The teacher reads
+  # each dream's own prompt (the passage); the student writes it closed-book.
+  toks = np.asarray(res.dreams.tokens)
+  valid = np.asarray(res.dreams.valid, bool)
+  cm = np.asarray(res.dreams.completion_mask, bool)
+  kcfg = methods_lib.consolidation_config(m, c.consolidation)
+  kcfg.steps, kcfg.batch_size = steps, bs
+  kcfg.optimizer = dt.optimizer
+  teacher = [r[v & ~c_].tolist() for r, v, c_ in zip(toks, valid, cm)]
+  completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
+  out = phases.with_progress(ctx, t, "dream_training", steps, lambda on_step: (
+      consolidation.consolidate_data(
+          st.params, st.slot_mask, s.cfg, teacher, [s.fmt.bos()] * len(res), completions, kcfg,
+          phases.FAST_LEVEL, st.slot, ctx.key(t, "dream_training"),
+          stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, on_step=on_step)))
+  st.params = out.params
+  if out.history:
+    info["dream_training_loss"] = out.history[-1]["loss"]
   return st, info
 
 
