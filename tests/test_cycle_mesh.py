@@ -64,9 +64,8 @@ def test_sleep_on_a_mesh_equals_one_device(setup):
 
 def test_train_state_on_a_mesh_is_sharded_by_the_rules():
   """A phase's train state (``fit.new_state``) on the mesh: parameters where the rules put them,
-  Adam moments sharded like their parameter, and the step keeps them there."""
+  Adam moments sharded like their parameter (the slow test above checks them after a sleep)."""
   from sleep_jax.model import config as model_config
-  from sleep_jax.train import step as step_lib
   cfg = model_config.tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                           d_ff=(0, 64), n_experts=(1, 1), n_slots=2, slot_rank=4)
   mesh = mesh_lib.make_mesh(MESH)
@@ -76,14 +75,8 @@ def test_train_state_on_a_mesh_is_sharded_by_the_rules():
     tx = optax.adam(1e-3)
     st, shardings = fit_lib.new_state(params, tx, 0, state_lib.all_trainable(params),
                                       {"slot_mask": transformer.slot_mask_none(cfg)})
-    step = step_lib.make_train_step(
-        lambda p, b, r: (jax.numpy.mean(transformer.apply(p, b["tokens"], cfg,
-                                                          slot_mask=b["slot_mask"])[0] ** 2), {}),
-        tx, state_shardings=shardings)
-    batch = fit_lib.place_batch({"tokens": np.ones((4, 8), np.int32)}, mesh)
-    st, _ = step(st, batch)
   assert shardings is not None
   assert any(not s.is_fully_replicated for s in jax.tree.leaves(psh))
   for leaves in (st.params, st.opt_state[0].mu):
     for m, p, x in zip(jax.tree.leaves(leaves), jax.tree.leaves(psh), jax.tree.leaves(params)):
-      assert m.sharding.is_equivalent_to(p, x.ndim)  # where the rules say, after a step too
+      assert m.sharding.is_equivalent_to(p, x.ndim)  # where the rules say
