@@ -14,6 +14,7 @@ they equal the one-process result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -53,7 +54,7 @@ def main() -> int:
                    alpha=1.0, lam=0.5, divergence="fkl", target_level=1))
   kcfg.optimizer.lr = 1e-2
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": a.processes})
-  with mesh_lib.use_mesh(mesh) if a.processes > 1 else _nothing():
+  with mesh_lib.use_mesh(mesh) if a.processes > 1 else contextlib.nullcontext():
     if a.processes > 1:
       params = jax.device_put(params, mesh_lib.param_shardings(kv.CFG, mesh))
     res = consolidation.consolidate(params, transformer.slot_mask_none(kv.CFG), kv.CFG, teacher,
@@ -75,14 +76,6 @@ def main() -> int:
     print(f"wrote {a.out}: {len(flat)} arrays, slot {res.slot}, "
           f"loss {res.history[-1]['loss']:.4f}, dreams accepted {len(dreams)}", flush=True)
   return 0
-
-
-class _nothing:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 if __name__ == "__main__":

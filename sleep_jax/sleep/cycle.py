@@ -151,7 +151,7 @@ def context(config, setup, name: str, seed: int, hook: Optional[Callable] = None
   sched = methods_lib.sleep_schedule(tuple(config.sleep_every) or (1, config.deep_every), method,
                                      setup.cfg.n_levels)
   return phases.Context(config, setup, name, method, int(seed), sched,
-                        hook=hook or phases._no_hook, progress=progress)
+                        hook=hook or phases.no_hook, progress=progress)
 
 
 def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=print

@@ -30,7 +30,7 @@ Metrics = Dict[str, Any]
 FAST_LEVEL = 0  # the CMS level a chunk's consolidation (and its dreams) write into
 
 
-def _no_hook(phase: str, chunk: int, step: int) -> None:
+def no_hook(phase: str, chunk: int, step: int) -> None:
   del phase, chunk, step
 
 
@@ -42,7 +42,7 @@ class Context:
   method: methods_lib.Method
   seed: int
   schedule: Tuple[int, ...]  # (C_0, C_1, ...) of this method (``methods.sleep_schedule``)
-  hook: Callable[[str, int, int], None] = _no_hook  # (phase, chunk, step): tests' kill points
+  hook: Callable[[str, int, int], None] = no_hook  # (phase, chunk, step): tests' kill points
   progress: Callable[..., Any] = None  # tqdm-like bar factory (``metrics_writer.progress``)
 
   def key(self, *parts) -> jax.Array:

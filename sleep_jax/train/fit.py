@@ -75,13 +75,8 @@ def place_batch(batch: Batch, mesh) -> Batch:
   when the mesh's data axes do not divide the row count); as-is off a mesh."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
-  spec = logical.logical_to_spec(("batch",))
-
-  def put(x):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    return jax.device_put(x, NamedSharding(mesh, logical.fit_spec(spec, x.shape, mesh.shape)))
-
-  return {k: put(v) for k, v in batch.items()}
+  return {k: jax.device_put(v, logical.logical_to_sharding(("batch",), np.shape(v), mesh))
+          for k, v in batch.items()}
 
 
 def train_step_for(loss_key, make_loss_fn, opt_cfg, trainable, shardings):
