@@ -62,6 +62,7 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
   st = SleepState(s.params, transformer.slot_mask_none(s.cfg))
   if dream_phase.uses_generator(ctx.method):
     st.generator = dream_phase.init_generator(ctx)
+  st = st.committed()  # the same jit cache entries as a restored state's (see ``committed``)
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             st.arrays())

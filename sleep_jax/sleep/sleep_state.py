@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional
 
+import jax
+
 from sleep_jax.sleep.dreaming import Generator
 from sleep_jax.sleep.memory import EpisodicMemory
 
@@ -37,13 +39,21 @@ class SleepState:
       st["generator"] = {"lora": self.generator.lora, "opt_state": self.generator.opt_state}
     return st
 
+  def committed(self) -> "SleepState":
+    """The arrays pinned to the devices they are on. A restored checkpoint's arrays are
+    committed; a fresh run's are not, and jit compiles separately for the two (a resumed
+    process would compile every phase twice: once for the restored method, once for the next)."""
+    a = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.arrays())
+    return self.restored(a, self.position(), memory=self.memory)
+
   def position(self) -> Dict[str, Any]:
     return {"chunk": self.chunk, "phase": self.phase, "slot": self.slot, "counter": self.counter,
             "memory": self.memory.to_json(), "R": self.R, "info": self.info,
             "answers": self.answers, "generator_step": self.generator_step,
             "generator_info": self.generator_info, "retention_before": self.retention_before}
 
-  def restored(self, arrays: Dict[str, Any], position: Dict[str, Any]) -> "SleepState":
+  def restored(self, arrays: Dict[str, Any], position: Dict[str, Any],
+               memory: Optional[EpisodicMemory] = None) -> "SleepState":
     """This state (the fresh one, for the generator's scale) with a checkpoint's contents."""
     gen = self.generator
     if gen is not None:
@@ -51,6 +61,6 @@ class SleepState:
                          opt_state=arrays["generator"]["opt_state"])
     fields = {f.name for f in dataclasses.fields(self)}
     pos = {k: v for k, v in position.items() if k in fields}  # the checkpointer adds "step"
-    pos["memory"] = EpisodicMemory.from_json(pos["memory"])
+    pos["memory"] = memory if memory is not None else EpisodicMemory.from_json(pos["memory"])
     return dataclasses.replace(self, params=arrays["params"], slot_mask=arrays["slot_mask"],
                                generator=gen, **pos)
