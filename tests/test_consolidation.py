@@ -75,6 +75,40 @@ def test_consolidation_moves_context_knowledge_into_weights(base, consolidated):
   assert div_after < 0.5 * div_before, (div_before, div_after)
 
 
+def _golds(fact_list):
+  return [[v, kv.EOS] for k, v in fact_list for q in kv.TRAIN_Q]
+
+
+def test_distillation_with_the_supported_answers_stores_facts_that_transfer(base):
+  """Off-policy distillation on the in-context teacher's answers plus the cross-entropy term on
+  the supported answers: the slot learns the questions it was distilled on (>= 90%) and answers
+  the held-out wording too (>= 60%)."""
+  facts = kv.facts()
+  mask = T.slot_mask_none(kv.CFG)
+  t, s = _prompts(facts)
+  res = C.consolidate(base, mask, kv.CFG, t, s, _kcfg(lam=0.0, alpha=1.0, ce_weight=1.0),
+                      jax.random.key(0), stop_tokens=(kv.EOS,), golds=_golds(facts))
+  assert kv.closed_book_accuracy(base, mask, facts) <= 0.25
+  trained = [kv.closed_book_accuracy(res.params, res.slot_mask, facts, q) for q in kv.TRAIN_Q]
+  assert min(trained) >= 0.9, trained
+  assert kv.closed_book_accuracy(res.params, res.slot_mask, facts) >= 0.6
+  assert res.history[-1]["answer_ce"] < res.history[0]["answer_ce"]
+  with pytest.raises(ValueError, match="one supported answer per item"):
+    C.consolidate(base, mask, kv.CFG, t, s, _kcfg(steps=1, ce_weight=1.0), jax.random.key(0),
+                  stop_tokens=(kv.EOS,))
+
+
+def test_several_slots_per_sleep_all_train(base):
+  facts = kv.facts(2)
+  t, s = _prompts(facts)
+  res = C.consolidate(base, T.slot_mask_none(kv.CFG), kv.CFG, t, s,
+                      _kcfg(steps=2, batch_size=4, teacher_samples=1, slots=2),
+                      jax.random.key(2), stop_tokens=(kv.EOS,))
+  assert res.slot == (0, 1) and growth.live_slots(res.slot_mask, 1) == [0, 1]
+  b = np.asarray(res.params["layers"]["cms_1"]["slot_b"])
+  assert np.any(b[:, 0] != 0) and np.any(b[:, 1] != 0)
+
+
 def test_prune_resets_source_level(base):
   """CMS level 0 -> level 1: the fast slot is distilled, then reset and masked."""
   facts = kv.facts()
@@ -171,6 +205,17 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
 
   (lw, gw), (lf, gf) = loss(batch), loss(whole)
   assert np.isfinite(float(lw)) and float(lw) != 0.0
+  # The cross-entropy term on supported answers adds beta x the answer tokens' mean NLL.
+  gold = {"gold_tokens": batch["off_tokens"], "gold_valid": batch["off_valid"],
+          "gold_completion_mask": batch["off_completion_mask"]}
+  with_ce, m = knowledge_seeding_loss(base, {**batch, **gold}, None, cfg=kv.CFG, alpha=alpha,
+                                      lam=lam, divergence="fkl", temperature=1.0, ce_weight=0.5)
+  logits, _ = T.apply(base, gold["gold_tokens"], kv.CFG, valid=gold["gold_valid"])
+  lp = np.asarray(jax.nn.log_softmax(logits, -1))
+  toks, cm = np.asarray(gold["gold_tokens"]), np.asarray(gold["gold_completion_mask"])
+  nll = [-lp[b, t - 1, toks[b, t]] for b in range(B) for t in range(1, toks.shape[1]) if cm[b, t]]
+  np.testing.assert_allclose(float(m["answer_ce"]), np.mean(nll), rtol=1e-5)
+  np.testing.assert_allclose(float(with_ce), float(lw) + 0.5 * np.mean(nll), rtol=1e-5)
   np.testing.assert_allclose(float(lw), float(lf), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), gw, gf)
 

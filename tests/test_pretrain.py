@@ -144,3 +144,16 @@ def test_sentence_curriculum_grows_the_passage():
   ex = [world.sample_train_example(rng, dict(r.mixture), **pretrain_lib.sample_kwargs(r, 0))
         for _ in range(50)]
   assert all(e.prompt.count(".") == 1 for e in ex if e.kind == "multi")  # one sentence each
+
+
+def test_closed_book_stage_trains_recall_batches_and_checks_its_parent():
+  """Every other step is a short all-closed-book batch; the stopping rule reports QA recall;
+  a second stage refuses a parent whose model config is not the recipe's."""
+  recipe = dataclasses.replace(pretrain_lib.runlocal(), closed_batch_size=8, target_closed=0.5)
+  base = pretrain_lib.pretrain(recipe, log=lambda *_: None)
+  assert all("closed_book_qa" in h for h in base.metrics["history"])
+  with pytest.raises(ValueError, match="init_from='world_base'"):
+    pretrain_lib.pretrain(dataclasses.replace(recipe, init_from="world_base"),
+                          log=lambda *_: None)
+  # The shipped second-stage base is found for its recipe (the knowledge config's "recall").
+  assert base_cache.packaged_base(pretrain_lib.recall_recipe()).endswith("world_base_recall")

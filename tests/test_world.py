@@ -223,3 +223,27 @@ def test_partial_passages_for_the_reading_curriculum(world):
       if f"A: {person.attrs[a]}" in e.target:
         assert person.attrs[a] in e.prompt
   assert lengths == {1, 2}
+
+
+def test_anchor_prompts_and_question_rows():
+  """Anchor prompts (what a sleep must leave alone) never ask about a scored person; SFT's
+  question rows are the closed-book prompt + the supported answer, loss on the answer."""
+  import types
+  from sleep_jax.data import documents
+  from sleep_jax.tasks import base as task_base, pretrain, world as world_task
+  w = world_lib.World(pretrain.runlocal().world)
+  fmt = documents.WorldFormat(w.tokenizer)
+  anchors = world_task._anchor_prompts(w, fmt, 5, 6)
+  assert len(anchors) == 6
+  text = [w.tokenizer.decode(a) for a in anchors]
+  scored = w.population("qa")[:5] + w.population("heldout") + [
+      p for k in range(w.cfg.n_chunks) for p in w.chunk(k)]
+  assert not any(f"{p.first} {p.last}" in t for p in scored for t in text)
+  # Alternately closed-book (a known person) and in-context (a passage, then its question).
+  assert [t.startswith("Q: ") for t in text] == [True, False] * 3
+  docs = documents.world_documents(w, w.chunk(0)[:2])
+  rows, starts = task_base.question_rows(types.SimpleNamespace(fmt=fmt), docs)
+  qs = [q for d in docs for q in d.train_questions]
+  assert len(rows) == len(qs)
+  for r, s, q in zip(rows, starts, qs):
+    assert r[:s] == fmt.closed_book(q.q) and r[s:] == fmt.answer(q.answer)

@@ -124,6 +124,17 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
+  elif variant == "recall":
+    # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
+    # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
+    # off-policy distillation of the in-context teacher plus cross-entropy on the supported
+    # answers, 8x the steps (tens of exposures per fact), anchor prompts distilled from the
+    # waking model. SFT and OPSD get the same steps.
+    c.base = _base_recipe(pretrain.recall_recipe())
+    c.methods = ("base", "in_context", "sft", "sft_questions", "sleep_no_dream")
+    k = c.consolidation
+    k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
+    c.sft.steps = 480
   elif variant in ("smollm2", "smollm2_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with
@@ -196,5 +207,5 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.eval.retention_people = 5
   else:
     raise ValueError(f"unknown variant {variant!r}; valid: default, continued, full, continual, "
-                     "smollm2, smollm2_gpu, test")
+                     "recall, smollm2, smollm2_gpu, test")
   return c

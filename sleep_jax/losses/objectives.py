@@ -4,14 +4,17 @@
 
 with the divergence part in its GKD form, so the loss minimised is
 
-  L = alpha [ (1 - lambda) F_D + lambda F_S ] + (1 - alpha) L_PG(r)
+  L = alpha [ (1 - lambda) F_D + lambda F_S ] + (1 - alpha) L_PG(r) + beta CE(a* | x)
 
 ``F_D``: per-token divergence F(T||S) on teacher samples D (drawn once, before training);
 ``F_S``: the same on student samples; ``L_PG``: policy gradient (``rl.pg_loss`` with a registered
 advantage estimator) for the learning-to-imitate reward ``r = gamma r_sem + (1 - gamma) r_abs`` of
 a student completion of a random prefix of a teacher sample. ``alpha = 1`` drops imitation,
 ``lambda = 0`` is off-policy distillation. No gradient flows through sampling; the teacher's
-logits are computed outside the gradient (``consolidation.completion_logits``).
+logits are computed outside the gradient (``consolidation.completion_logits``). ``CE(a* | x)``
+(weight ``beta = ce_weight``, 0 by default) is the student's cross-entropy on an answer the
+source supports (a document's gold answer): distillation alone is capped by the teacher's own
+in-context errors.
 
 A replacement objective registered under another name (``@register_loss("mine")``) is picked by
 ``config.consolidation.objective = "mine"``; it receives the same batch and hyper-parameters.
@@ -37,9 +40,9 @@ Metrics = dict
 @register_loss("knowledge_seeding", "ks")
 def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float,
                            divergence: str = "fkl", divergence_kwargs: Optional[dict] = None,
-                           temperature: float = 1.0, advantage: str = "reinforce"
-                           ) -> Tuple[jax.Array, Metrics]:
-  """L = -J_KS = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG, for the student.
+                           temperature: float = 1.0, advantage: str = "reinforce",
+                           ce_weight: float = 0.0) -> Tuple[jax.Array, Metrics]:
+  """L = -J_KS + beta CE = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG + beta CE(a*|x).
 
   The GKD part is ``distill.gkd_loss``; the imitation part is ``rl.pg_loss`` on the LTI rewards.
   ``batch`` holds the student-side sequences and the teacher's logits on their completion:
@@ -47,7 +50,9 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
   lam > 0 or alpha < 1), each with ``tokens, valid, completion_mask`` (B, Ps + N) and
   ``teacher_logits`` (B, N + 1, V) for positions ``Ps - 1 ...`` (``completion_logits``), plus
   ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
-  distributions over those N + 1 positions are computed: the prompt's enter no term.
+  distributions over those N + 1 positions are computed: the prompt's enter no term. With
+  ``ce_weight > 0``: ``gold_tokens, gold_valid, gold_completion_mask`` (student prompt + a
+  supported answer).
   """
   del rng
   data, start = {}, {}
@@ -73,5 +78,20 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
     loss = loss + (1.0 - alpha) * pg
     metrics["imitation_pg"] = pg
     metrics["imitation_reward"] = jnp.mean(batch["on_rewards"])
+  if ce_weight > 0.0:
+    ce = answer_cross_entropy(params, batch, cfg)
+    loss = loss + ce_weight * ce
+    metrics["answer_ce"] = ce
   metrics = {f"gkd_{k}" if k == "loss" else k: v for k, v in metrics.items()}
   return loss, metrics
+
+
+def answer_cross_entropy(params, batch, cfg: ModelConfig) -> jax.Array:
+  """CE(a* | x) = -mean_t log S(a*_t | x, a*_<t) over the answer tokens of the ``gold_*`` rows."""
+  tokens, comp = batch["gold_tokens"], batch["gold_completion_mask"]
+  logits, _ = transformer.apply(params, tokens, cfg, valid=batch["gold_valid"],
+                                slot_mask=batch["slot_mask"])
+  # Entry t of the log-probs is token t's, predicted at t - 1; other positions are zeroed first.
+  logprobs = transformer.logits_to_logprobs(sanitize(logits, prediction_mask(comp)), tokens)
+  m = comp.astype(logprobs.dtype)
+  return -jnp.sum(logprobs * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.source_level = -1  # -1: the context (memory level 0); j >= 0: CMS level j
   c.target_level = 0  # CMS level that receives the new slot
   c.expand = True  # False: "no expansion" ablation, train the existing parameters instead
+  c.slots = 1  # slots unlocked (and trained together) per consolidation: capacity = slots x rank
   c.lr_existing = 1e-5  # learning rate when existing parameters train (expand=False)
   c.prune = True  # reset the source level's slots afterwards
   # The objective (a registered loss, ``losses/objectives.py``) and its divergence (registered,
@@ -81,6 +82,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 1.0
   c.sample_top_k = 0
   c.replay_fraction = 0.0  # older episodic-memory items mixed into each sleep
+  # beta: weight of the student's cross-entropy on answers the source supports (a document's
+  # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
+  c.ce_weight = 0.0
+  # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
+  # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
+  c.anchor_prompts = 0
   return c
 
 
@@ -108,7 +115,7 @@ class Student(NamedTuple):
 class Result:
   params: object
   slot_mask: jax.Array
-  slot: int  # the unlocked slot (-1 without expansion)
+  slot: object  # the unlocked slot (-1 without expansion; a tuple with ``slots > 1``)
   history: List[dict]
 
 
@@ -141,13 +148,15 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                    judge: Optional[rewards_lib.Judge] = None,
                    decode: Optional[Callable[[Sequence[int]], str]] = None,
                    on_step: Optional[Callable[[int, dict], None]] = None,
-                   dataset: Optional[Sequence[Sequence[int]]] = None) -> tuple:
+                   dataset: Optional[Sequence[Sequence[int]]] = None,
+                   golds: Optional[Sequence[Sequence[int]]] = None) -> tuple:
   """General Knowledge Seeding: distil ``teachers`` into ``student`` with the KS objective.
 
   Step ``i`` uses teacher ``i mod len(teachers)`` (several smaller models seed one larger one).
   Items are ``student.prompts[k]`` / ``teacher.prompts[k]``, aligned by index. ``dataset``: one
   given completion per item (e.g. accepted dreams) used as the off-policy data D instead of
-  teacher samples; the teachers still give the soft targets on it.
+  teacher samples; the teachers still give the soft targets on it. ``golds``: one supported
+  answer per item (``completion + stop``) for the cross-entropy term (``kcfg.ce_weight > 0``).
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
@@ -165,6 +174,11 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   hparams = dict(alpha=alpha, lam=lam, divergence=kcfg.divergence,
                  divergence_kwargs=dict(kcfg.divergence_kwargs),
                  temperature=float(kcfg.temperature), advantage=kcfg.advantage)
+  ce_weight = float(kcfg.get("ce_weight", 0.0))
+  if ce_weight > 0:
+    if golds is None or len(golds) != n_items:
+      raise ValueError("consolidation.ce_weight > 0 needs one supported answer per item")
+    hparams["ce_weight"] = ce_weight  # only then: an objective without the term still plugs in
   make_loss = lambda: build_loss(kcfg.objective, cfg=student.cfg, **hparams)
   make_loss()
   get_divergence(kcfg.divergence)
@@ -174,6 +188,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   # Fixed (bucketed) prompt widths: one compilation for every step. LTI prefixes add up to N.
   extra = N if need_pg else 0
   s_len = _bucket(max(len(p) for p in student.prompts) + extra)
+  g_len = max(max((len(g) for g in golds), default=1), 1) if ce_weight > 0 else 0
   t_lens = [_bucket(max(len(p) for p in t.prompts) + extra) for t in teachers]
 
   def sample(params, cfg, mask, prompts, width, key, temperature):
@@ -262,6 +277,15 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                                     z0=float(kcfg.z0) if kcfg.z0 > 0 else None, judge=judge,
                                     decode=decode)
         batch["on_rewards"] = jnp.asarray(r, jnp.float32)
+    if ce_weight > 0:
+      st_, sv = _pad_left([student.prompts[k] for k in items], s_len, pad_id)
+      gt = np.full((B, g_len), pad_id, np.int32)
+      gl = np.zeros((B, g_len), bool)
+      for r, k in enumerate(items):
+        gt[r, :len(golds[k])], gl[r, :len(golds[k])] = golds[k], True
+      batch.update(gold_tokens=jnp.concatenate([st_, jnp.asarray(gt)], 1),
+                   gold_valid=jnp.concatenate([sv, jnp.asarray(gl)], 1),
+                   gold_completion_mask=jnp.concatenate([jnp.zeros_like(sv), jnp.asarray(gl)], 1))
     return batch if mesh is None else fit_lib.place_batch(batch, mesh)
 
   def record(i, st, metrics):
@@ -295,9 +319,14 @@ def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[S
   teacher = Teacher(params, cfg, slot_mask, [list(p) for p in teacher_prompts])
   src, tgt = int(kcfg.source_level), int(kcfg.target_level)
   if kcfg.expand:
-    s_params, s_mask, slot = growth.unlock_slot(params, slot_mask, tgt, k_unlock)
-    slot = int(slot)
-    trainable = state_lib.slot_trainable(s_params, transformer.param_axes(cfg), tgt, slot)
+    s_params, s_mask, slots = params, slot_mask, []
+    for i in range(int(kcfg.get("slots", 1))):
+      # The first slot keeps the one-slot key (same results with slots=1).
+      s_params, s_mask, s = growth.unlock_slot(s_params, s_mask, tgt,
+                                               jax.random.fold_in(k_unlock, i) if i else k_unlock)
+      slots.append(int(s))
+    slot = slots[0] if len(slots) == 1 else tuple(slots)
+    trainable = state_lib.slot_trainable(s_params, transformer.param_axes(cfg), tgt, slots)
   else:
     s_params, s_mask, slot = params, slot_mask, -1
     trainable = state_lib.all_trainable(params)
@@ -334,7 +363,7 @@ def consolidate_data(params, slot_mask, cfg: ModelConfig,
   teacher = Teacher(params, cfg, slot_mask, [list(p) for p in teacher_prompts])
   student = Student(params, cfg, slot_mask, trainable, [list(p) for p in student_prompts])
   kcfg = ml_collections.ConfigDict(kcfg.to_dict())
-  kcfg.alpha, kcfg.lam = 1.0, 0.0
+  kcfg.alpha, kcfg.lam, kcfg.ce_weight = 1.0, 0.0, 0.0
   kcfg.max_new_tokens = max(max(len(c) for c in completions), 1)
   new_params, history = seed_knowledge([teacher], student, kcfg, rng, dataset=completions,
                                        **kwargs)

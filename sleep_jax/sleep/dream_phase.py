@@ -87,7 +87,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
           "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
           if res.metrics else 0.0}
   expands = m.consolidation is not None
-  if len(res) == 0 or (st.slot < 0 and expands):
+  if len(res) == 0 or (st.slot == -1 and expands):
     return st, info
   s, dt = ctx.setup, c.dream_training
   bs = int(dt.batch_size)

@@ -34,6 +34,8 @@ class Method:
     in_context: False, True (the passage in the prompt) or "window" (only the last chunk read).
     selfgen: SFT also trains on self-written dreams (no selection, no distillation).
     variants: SFT trains on task variants (TTT).
+    questions: SFT also trains on the wake questions with their supported answers, closed-book
+      (the data consolidation distils on: SFT and Sleep on equal data).
   """
   learn: str
   consolidation: Optional[Overrides] = None
@@ -43,6 +45,7 @@ class Method:
   in_context: Union[bool, str] = False
   selfgen: bool = False
   variants: bool = False
+  questions: bool = False
 
   @property
   def expands(self) -> bool:
@@ -57,6 +60,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "in_context": Method("none", in_context=True),  # the passage in the prompt: upper bound
     "sft": Method("sft"),  # fine-tune every parameter on the passages
     "sft_selfgen": Method("sft", selfgen=True),  # + self-generated data, no RL selection
+    "sft_questions": Method("sft", questions=True),  # + the wake questions and their answers
     "opsd": Method("sleep", consolidation=_OPSD, deep=False),
     "opsd_expansion": Method("sleep", consolidation=MappingProxyType({"alpha": 1.0, "lam": 1.0}),
                              deep=False),
@@ -88,6 +92,7 @@ ONE_LINE = {
     "in_context": "the passage in the prompt (the in-context ceiling)",
     "sft": "fine-tune every parameter on the passages",
     "sft_selfgen": "SFT on the passages plus self-written dreams (no selection)",
+    "sft_questions": "SFT on the passages plus the wake questions with their answers",
     "opsd": "on-policy self-distillation into the existing weights (no expansion)",
     "opsd_expansion": "on-policy self-distillation into a new slot",
     "sleep_no_dream": "Sleep with consolidation only",

@@ -79,7 +79,7 @@ def evaluate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]
 # ----------------------------------------------------------------------------------------------
 # Consolidation (memory level 0 -> CMS level 0) and deep sleep (level l-1 -> l).
 # ----------------------------------------------------------------------------------------------
-def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase):
+def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase, golds=None):
   judge = None
   if kcfg.gamma > 0 and kcfg.alpha < 1:
     from sleep_jax.losses.rewards import ModelJudge
@@ -89,7 +89,7 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase)
   return with_progress(ctx, t, phase, int(kcfg.steps), lambda on_step: consolidation.consolidate(
       st.params, st.slot_mask, ctx.setup.cfg, teacher, student, kcfg, ctx.key(t, phase),
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
-      decode=ctx.setup.tok.decode, judge=judge, on_step=on_step))
+      decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds))
 
 
 def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable):
@@ -120,8 +120,11 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
   docs = ctx.setup.chunks[t]
-  res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs),
-                     task_lib.student_prompts(ctx.setup, docs), kcfg, t, "consolidation")
+  anchors = ctx.setup.anchor_prompts[:int(kcfg.get("anchor_prompts", 0))]
+  res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
+                     task_lib.student_prompts(ctx.setup, docs) + anchors, kcfg, t,
+                     "consolidation",
+                     golds=task_lib.gold_answers(ctx.setup, docs) + [[]] * len(anchors))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   return st, {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
 
@@ -150,6 +153,7 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   prompts = [ctx.setup.fmt.closed_book(q) for e in eps for q in e.prompts]
   kcfg.source_level, kcfg.target_level = level - 1, level
   kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
+  kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
   res = _consolidate(st, ctx, prompts, prompts, kcfg, t, phase)
   st.params, st.slot_mask = res.params, res.slot_mask
   return st
@@ -167,6 +171,11 @@ def sft(st: SleepState, ctx: Context, t: int):
                                          int(c.sft.variants))
   else:
     rows, starts = task_lib.passage_rows(s, docs)
+  if ctx.method.questions:
+    # The wake questions with their supported answers, closed-book: the data consolidation
+    # distils on, so SFT can be compared with Sleep on equal data.
+    q_rows, q_starts = task_lib.question_rows(s, docs)
+    rows, starts = rows + q_rows, starts + q_starts
   batch = task_lib.pad_rows(rows, starts, int(c.seq_len), s.tok.pad_id)
   if ctx.method.selfgen:
     dcfg = c.dreaming

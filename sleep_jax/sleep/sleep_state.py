@@ -23,7 +23,7 @@ class SleepState:
   generator: Optional[Generator] = None  # the ReST-EM dream generator (persists across sleeps)
   chunk: int = 0  # the wake chunk in progress
   phase: int = 0  # index into cycle.PHASES
-  slot: int = -1  # the slot this chunk's consolidation unlocked (-1: none)
+  slot: Any = -1  # the slot(s) this chunk's consolidation unlocked (-1: none)
   counter: int = 0  # checkpoints written (the checkpoint step)
   memory: EpisodicMemory = dataclasses.field(default_factory=EpisodicMemory)
   R: List[List[float]] = dataclasses.field(default_factory=list)  # accuracy matrix rows

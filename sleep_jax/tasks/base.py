@@ -39,6 +39,11 @@ class Setup:
   # Per eval question text: {"distance": chunks back the answer lies, "kind": ...} maps
   # (long-horizon streams); reports group the final answers by them.
   query_info: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # Prompts of behaviour the sleep must leave alone (world: closed-book questions about people
+  # the base knows, in-context reading of others; disjoint from every scored probe). With
+  # ``consolidation.anchor_prompts = k`` the first k are distilled from the model as it woke up
+  # into the student, same prompt on both sides: a KL-to-base term on unrelated inputs.
+  anchor_prompts: List[List[int]] = dataclasses.field(default_factory=list)
 
 
 def _same_setup(config, setup: Setup, seed: int) -> Setup:
@@ -83,6 +88,11 @@ def student_prompts(setup: Setup, docs: Sequence[documents.Document]) -> List[Li
   return [setup.fmt.closed_book(q.q) for d in docs for q in d.train_questions]
 
 
+def gold_answers(setup: Setup, docs: Sequence[documents.Document]) -> List[List[int]]:
+  """The supported answer of each wake question (``answer + stop``), aligned with the prompts."""
+  return [setup.fmt.answer(q.answer) for d in docs for q in d.train_questions]
+
+
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
   return [setup.fmt.dream_prompt(d.passage, tpl) for d in docs for tpl in templates.values()]
@@ -112,6 +122,14 @@ def variant_rows(setup: Setup, docs, rng: np.random.Generator, n: int):
         rows.append(prompt + setup.fmt.answer(q.answer))
         starts.append(len(prompt))
   return rows, starts
+
+
+def question_rows(setup: Setup, docs) -> tuple:
+  """Each wake question closed-book with its supported answer (loss on the answer); returns
+  (rows, loss starts)."""
+  prompts = student_prompts(setup, docs)
+  rows = [p + a for p, a in zip(prompts, gold_answers(setup, docs))]
+  return rows, [len(p) for p in prompts]
 
 
 def passage_rows(setup: Setup, docs) -> tuple:

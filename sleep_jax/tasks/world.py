@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
 from sleep_jax.eval import report
@@ -26,13 +28,29 @@ def setup(config, model: models.Model) -> Setup:
   chunks = [documents.world_documents(world, world.chunk(k)[:c.data.chunk_size or None],
                                       int(c.data.passages_per_person))
             for k in range(c.world_chunks)]
-  extra = {}
+  extra, anchors = {}, []
   if c.model_source == "world":
     n = int(c.eval.retention_people)
     extra = {"retention_qa": (documents.world_documents(world, world.population("qa")[:n]), False),
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
-  return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics)
+    anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.get("anchor_prompts", 0)))
+  return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
+               anchor_prompts=anchors)
+
+
+def _anchor_prompts(world, fmt, skip: int, k: int):
+  """k prompts, alternately a closed-book question about a QA-population person after the
+  first ``skip`` (the retention probe's) and an in-context question about a reading-population
+  person (never a probe): what the base already does and the sleep must keep."""
+  qa = documents.world_documents(world, world.population("qa")[skip:skip + k])
+  reading = documents.world_documents(world, world.population("reading")[:k])
+  rng = np.random.default_rng(0)
+  out = []
+  for a, b in zip(qa, reading):
+    qa_q, rd_q = (d.train_questions[rng.integers(len(d.train_questions))] for d in (a, b))
+    out += [fmt.closed_book(qa_q.q), fmt.with_context(b.passage, rd_q.q)]
+  return out[:k]
 
 
 def jsonl_setup(config, model: models.Model) -> Setup:

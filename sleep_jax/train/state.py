@@ -81,13 +81,16 @@ def trainable_where(params, predicate: Callable[[str], bool]) -> Any:
                                           params)
 
 
-def slot_trainable(params, param_axes, level: int, slot: int) -> Any:
-  """Only slot ``slot`` of CMS level ``level`` trains (consolidation, docs/method.md section 3 step 5).
+def slot_trainable(params, param_axes, level: int, slot) -> Any:
+  """Only slot ``slot`` (an index, or several) of CMS level ``level`` trains (consolidation,
+  docs/method.md section 3 step 5).
 
   Every array of ``layers/cms_{level}`` with a "slots" logical axis (slot_a, slot_b,
-  slot_router) gets a mask that is True on index ``slot`` of that axis only (shape 1 on every
+  slot_router) gets a mask that is True on those indices of that axis only (shape 1 on every
   other axis); everything else is frozen.
   """
+  slots = [int(s) for s in np.atleast_1d(slot)]
+
   def mask(path, leaf, axes):
     p = path_str(path)
     if _level_of(p) != level or "slots" not in axes:
@@ -96,9 +99,10 @@ def slot_trainable(params, param_axes, level: int, slot: int) -> Any:
     shape = [1] * len(leaf.shape)
     shape[ax] = leaf.shape[ax]
     m = np.zeros(shape, bool)
-    idx = [0] * len(shape)
-    idx[ax] = slot
-    m[tuple(idx)] = True
+    for s in slots:
+      idx = [0] * len(shape)
+      idx[ax] = s
+      m[tuple(idx)] = True
     return m
 
   return jax.tree_util.tree_map_with_path(mask, params, param_axes,
