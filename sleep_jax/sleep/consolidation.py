@@ -156,7 +156,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   Items are ``student.prompts[k]`` / ``teacher.prompts[k]``, aligned by index. ``dataset``: one
   given completion per item (e.g. accepted dreams) used as the off-policy data D instead of
   teacher samples; the teachers still give the soft targets on it. ``golds``: one supported
-  answer per item (``completion + stop``) for the cross-entropy term (``kcfg.ce_weight > 0``).
+  answer per item (``completion + stop``; empty: none) for the cross-entropy term
+  (``kcfg.ce_weight > 0``).
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
@@ -174,7 +175,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   hparams = dict(alpha=alpha, lam=lam, divergence=kcfg.divergence,
                  divergence_kwargs=dict(kcfg.divergence_kwargs),
                  temperature=float(kcfg.temperature), advantage=kcfg.advantage)
-  ce_weight = float(kcfg.get("ce_weight", 0.0))
+  ce_weight = float(kcfg.ce_weight)
   if ce_weight > 0:
     if golds is None or len(golds) != n_items:
       raise ValueError("consolidation.ce_weight > 0 needs one supported answer per item")
@@ -320,7 +321,7 @@ def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[S
   src, tgt = int(kcfg.source_level), int(kcfg.target_level)
   if kcfg.expand:
     s_params, s_mask, slots = params, slot_mask, []
-    for i in range(int(kcfg.get("slots", 1))):
+    for i in range(int(kcfg.slots)):
       # The first slot keeps the one-slot key (same results with slots=1).
       s_params, s_mask, s = growth.unlock_slot(s_params, s_mask, tgt,
                                                jax.random.fold_in(k_unlock, i) if i else k_unlock)

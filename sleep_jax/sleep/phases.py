@@ -120,7 +120,7 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
   docs = ctx.setup.chunks[t]
-  anchors = ctx.setup.anchor_prompts[:int(kcfg.get("anchor_prompts", 0))]
+  anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
   res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
                      task_lib.student_prompts(ctx.setup, docs) + anchors, kcfg, t,
                      "consolidation",

@@ -34,7 +34,7 @@ def setup(config, model: models.Model) -> Setup:
     extra = {"retention_qa": (documents.world_documents(world, world.population("qa")[:n]), False),
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
-    anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.get("anchor_prompts", 0)))
+    anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts))
   return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
                anchor_prompts=anchors)
 
