@@ -207,12 +207,12 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
   assert np.isfinite(float(lw)) and float(lw) != 0.0
   # The cross-entropy term on supported answers adds beta x the answer tokens' mean NLL.
   gold = {"gold_tokens": batch["off_tokens"], "gold_valid": batch["off_valid"],
-          "gold_completion_mask": batch["off_completion_mask"]}
+          "gold_answer_mask": live}
   with_ce, m = knowledge_seeding_loss(base, {**batch, **gold}, None, cfg=kv.CFG, alpha=alpha,
                                       lam=lam, divergence="fkl", temperature=1.0, ce_weight=0.5)
   logits, _ = T.apply(base, gold["gold_tokens"], kv.CFG, valid=gold["gold_valid"])
   lp = np.asarray(jax.nn.log_softmax(logits, -1))
-  toks, cm = np.asarray(gold["gold_tokens"]), np.asarray(gold["gold_completion_mask"])
+  toks, cm = np.asarray(gold["gold_tokens"]), np.asarray(batch["off_completion_mask"])
   nll = [-lp[b, t - 1, toks[b, t]] for b in range(B) for t in range(1, toks.shape[1]) if cm[b, t]]
   np.testing.assert_allclose(float(m["answer_ce"]), np.mean(nll), rtol=1e-5)
   np.testing.assert_allclose(float(with_ce), float(lw) + 0.5 * np.mean(nll), rtol=1e-5)

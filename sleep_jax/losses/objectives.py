@@ -51,8 +51,8 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
   ``teacher_logits`` (B, N + 1, V) for positions ``Ps - 1 ...`` (``completion_logits``), plus
   ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
   distributions over those N + 1 positions are computed: the prompt's enter no term. With
-  ``ce_weight > 0``: ``gold_tokens, gold_valid, gold_completion_mask`` (student prompt + a
-  supported answer).
+  ``ce_weight > 0``: ``gold_tokens, gold_valid`` (student prompt + a supported answer) and
+  ``gold_answer_mask`` (the answer window).
   """
   del rng
   data, start = {}, {}
@@ -87,11 +87,15 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
 
 
 def answer_cross_entropy(params, batch, cfg: ModelConfig) -> jax.Array:
-  """CE(a* | x) = -mean_t log S(a*_t | x, a*_<t) over the answer tokens of the ``gold_*`` rows."""
-  tokens, comp = batch["gold_tokens"], batch["gold_completion_mask"]
+  """CE(a* | x) = -mean_t log S(a*_t | x, a*_<t) over the answer tokens of the ``gold_*`` rows:
+  ``gold_tokens, gold_valid`` (B, P + A) hold prompt and answer, ``gold_answer_mask`` (B, A) the
+  answer window; only its A positions reach the output head."""
+  tokens, live = batch["gold_tokens"], batch["gold_answer_mask"]
+  start = tokens.shape[1] - live.shape[1] - 1  # predicts the first answer token; static
   logits, _ = transformer.apply(params, tokens, cfg, valid=batch["gold_valid"],
-                                slot_mask=batch["slot_mask"])
-  # Entry t of the log-probs is token t's, predicted at t - 1; other positions are zeroed first.
-  logprobs = transformer.logits_to_logprobs(sanitize(logits, prediction_mask(comp)), tokens)
-  m = comp.astype(logprobs.dtype)
-  return -jnp.sum(logprobs * m) / jnp.maximum(jnp.sum(m), 1.0)
+                                slot_mask=batch["slot_mask"], logits_from=start)
+  # Positions past an answer's end are zeroed before the log-softmax (they enter no term).
+  logp = jax.nn.log_softmax(sanitize(logits[:, :-1], live), axis=-1)
+  tok = jnp.take_along_axis(logp, tokens[:, start + 1:, None], axis=-1)[..., 0]
+  m = live.astype(tok.dtype)
+  return -jnp.sum(tok * m) / jnp.maximum(jnp.sum(m), 1.0)

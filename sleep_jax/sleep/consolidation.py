@@ -286,7 +286,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
         gt[r, :len(golds[k])], gl[r, :len(golds[k])] = golds[k], True
       batch.update(gold_tokens=jnp.concatenate([st_, jnp.asarray(gt)], 1),
                    gold_valid=jnp.concatenate([sv, jnp.asarray(gl)], 1),
-                   gold_completion_mask=jnp.concatenate([jnp.zeros_like(sv), jnp.asarray(gl)], 1))
+                   gold_answer_mask=jnp.asarray(gl))
     return batch if mesh is None else fit_lib.place_batch(batch, mesh)
 
   def record(i, st, metrics):
