@@ -126,7 +126,8 @@ class PretrainConfig:
   closed_batch_size: int = 0
   target_closed: float = 0.0
   # A second stage: start from the shipped base ``sleep_jax/assets/<init_from>`` (same model
-  # config) instead of a random init ("": from scratch).
+  # config) instead of a random init ("": from scratch). The name is part of the cache key, the
+  # parent's bytes are not: a retrained parent ships under a new name.
   init_from: str = ""
   # What the model reads: "world" (``world`` above) | "streams" (long-horizon streams,
   # ``data.long_horizon.StreamCorpus``; its own mixture components, ``world`` unused).
