@@ -43,8 +43,15 @@ class SleepState:
     """The arrays pinned to the devices they are on. A restored checkpoint's arrays are
     committed; a fresh run's are not, and jit compiles separately for the two (a resumed
     process would compile every phase twice: once for the restored method, once for the next)."""
-    a = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.arrays())
-    return self.restored(a, self.position(), memory=self.memory)
+    return self._with_arrays(jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.arrays()))
+
+  def _with_arrays(self, arrays: Dict[str, Any]) -> "SleepState":
+    gen = self.generator
+    if gen is not None:
+      gen = gen._replace(lora=arrays["generator"]["lora"],
+                         opt_state=arrays["generator"]["opt_state"])
+    return dataclasses.replace(self, params=arrays["params"], slot_mask=arrays["slot_mask"],
+                               generator=gen)
 
   def position(self) -> Dict[str, Any]:
     return {"chunk": self.chunk, "phase": self.phase, "slot": self.slot, "counter": self.counter,
@@ -52,15 +59,9 @@ class SleepState:
             "answers": self.answers, "generator_step": self.generator_step,
             "generator_info": self.generator_info, "retention_before": self.retention_before}
 
-  def restored(self, arrays: Dict[str, Any], position: Dict[str, Any],
-               memory: Optional[EpisodicMemory] = None) -> "SleepState":
+  def restored(self, arrays: Dict[str, Any], position: Dict[str, Any]) -> "SleepState":
     """This state (the fresh one, for the generator's scale) with a checkpoint's contents."""
-    gen = self.generator
-    if gen is not None:
-      gen = gen._replace(lora=arrays["generator"]["lora"],
-                         opt_state=arrays["generator"]["opt_state"])
     fields = {f.name for f in dataclasses.fields(self)}
     pos = {k: v for k, v in position.items() if k in fields}  # the checkpointer adds "step"
-    pos["memory"] = memory if memory is not None else EpisodicMemory.from_json(pos["memory"])
-    return dataclasses.replace(self, params=arrays["params"], slot_mask=arrays["slot_mask"],
-                               generator=gen, **pos)
+    pos["memory"] = EpisodicMemory.from_json(pos["memory"])
+    return dataclasses.replace(self._with_arrays(arrays), **pos)

@@ -43,8 +43,9 @@ def _anchor_prompts(world, fmt, skip: int, k: int):
   """k prompts, alternately a closed-book question about a QA-population person after the
   first ``skip`` (the retention probe's) and an in-context question about a reading-population
   person (never a probe): what the base already does and the sleep must keep."""
-  qa = documents.world_documents(world, world.population("qa")[skip:skip + k])
-  reading = documents.world_documents(world, world.population("reading")[:k])
+  n = -(-k // 2)  # people of each kind
+  qa = documents.world_documents(world, world.population("qa")[skip:skip + n])
+  reading = documents.world_documents(world, world.population("reading")[:n])
   rng = np.random.default_rng(0)
   out = []
   for a, b in zip(qa, reading):
