@@ -14,6 +14,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
 * ``smollm2``  the real SmolLM2-135M-Instruct (GGUF) on a few fictional passages or on the
                user's documents (``--config.data.source=jsonl --config.data.documents=FILE``);
 * ``smollm2_gpu`` the same at GPU/TPU size (every method, 3 seeds);
+* ``smollm2_docs`` SmolLM2 on the project's fictional-documents set (20 passages, every main
+               method, CPU-sized); ``smollm2_docs_gpu``: all 48 passages, 3 seeds, GPU-sized;
 * ``test``     seconds-long, for the unit tests.
 """
 
@@ -57,6 +59,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       source="world",  # "world" | "jsonl"
       documents="",  # source="jsonl": the user's documents file
       chunk_size=0,  # documents per wake chunk (0 = all people of a world chunk / all documents)
+      max_documents=0,  # source="jsonl": the first n documents of the file (0 = all)
       # world: 1 = single-passage regime; n > 1 = the many-passage ("continued pretraining")
       # regime, each new person arrives as n paraphrased passages (variant ``continued``)
       passages_per_person=1,
@@ -106,8 +109,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # metric: "em" | "contains"; rows: "all" (R[t, j] for every chunk j after chunk t) | "latest"
   # (only R[t, t]: enough for a per-task protocol with reset_between_chunks, T times cheaper).
   # in_context: every method is scored with the passage in the prompt (ARC: SEAL's protocol).
+  # kl_prompts generic prompts (the world: biography openings; a real model: the shipped
+  # assets/probes/generic_prompts.txt), each with the base's kl_new_tokens greedy continuation,
+  # give ``kl_to_base`` (eval/kl_probe.py); known_facts: a real model's known-facts file
+  # ("" = the shipped one of the fetched SmolLM2, "none" = off).
   c.eval = ml_collections.ConfigDict(dict(retention_people=50, max_new_tokens=2, batch_size=64,
-                                          metric="em", rows="all", in_context=False))
+                                          metric="em", rows="all", in_context=False,
+                                          kl_prompts=50, kl_new_tokens=16, known_facts=""))
 
   if variant == "default":
     pass
@@ -135,7 +143,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-  elif variant in ("smollm2", "smollm2_gpu"):
+  elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with
     # --config.data.source=jsonl --config.data.documents=FILE) through its chat template.
@@ -145,12 +153,15 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.world_chunks = 1
     c.data.chunk_size = 4  # people (or documents) per wake chunk
-    c.eval.max_new_tokens = 12
+    # A chat answer is a sentence: 12 new tokens cut it before the answer ("... designed by O");
+    # 32 holds the sentence (make_known_facts.py uses the same budget).
+    c.eval.max_new_tokens = 32
+    c.eval.kl_new_tokens = 32
     c.eval.batch_size = 16
     c.eval.metric = "contains"  # a chat model answers in a sentence
     c.consolidation.steps = 16
     c.consolidation.batch_size = 4
-    c.consolidation.max_new_tokens = 12
+    c.consolidation.max_new_tokens = 24
     c.consolidation.optimizer.lr = 3e-3  # the new slot (opsd: every parameter, see README)
     c.deep_every = 1000  # one fast level is enough for a single wake chunk
     c.dreaming.templates = {"qa": "{context}\n\nWrite three questions about this text, each "
@@ -186,6 +197,27 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.dream_training.optimizer.lr = 1e-3
       c.sft.steps = 30
       c.sft.optimizer.lr = 1e-5
+    if variant.startswith("smollm2_docs"):
+      # The project's fictional-documents set (make_documents.py): 20 passages on CPU, all 48
+      # in two chunks at GPU size. Every learning method gets the same steps x batch; the task's
+      # train question wordings go to sft_questions and to the sleep's distillation prompts (the
+      # eval wordings to no method). Consolidation with the recall variant's levers: off-policy
+      # distillation of the in-context teacher (alpha 1, lam 0) plus CE on supported answers.
+      c.data.source = "jsonl"
+      c.data.documents = "experiments/knowledge_incorporation/documents_fictional.jsonl"
+      c.data.max_documents, c.data.chunk_size = 20, 20
+      c.methods = ("base", "in_context", "sft", "sft_questions", "opsd", "sleep_no_dream",
+                   "sleep")
+      k = c.consolidation
+      k.lam, k.alpha, k.ce_weight = 0.0, 1.0, 1.0
+      k.steps = c.sft.steps = 24
+      k.batch_size = c.sft.batch_size = 8
+      if variant == "smollm2_docs_gpu":
+        c.data.max_documents, c.data.chunk_size = 0, 24
+        c.seeds = (0, 1, 2)
+        c.methods = ("base", "in_context", "sft", "sft_questions") + ALL_METHODS[3:]
+        k.steps = c.sft.steps = 300  # ~ 30 exposures per wake question
+        k.batch_size = c.sft.batch_size = 32
   elif variant == "test":
     c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     c.base = _base_recipe(pretrain.runlocal())
@@ -207,5 +239,5 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.eval.retention_people = 5
   else:
     raise ValueError(f"unknown variant {variant!r}; valid: default, continued, full, continual, "
-                     "recall, smollm2, smollm2_gpu, test")
+                     "recall, smollm2, smollm2_gpu, smollm2_docs, smollm2_docs_gpu, test")
   return c

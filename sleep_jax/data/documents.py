@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import List, Optional, Sequence
+import os
+from typing import List
 
 RECALL_PROMPT = "What do you know about the document \"{id}\"?"
 
@@ -104,6 +105,19 @@ def load_jsonl(path: str) -> List[Document]:
   return docs
 
 
+KNOWN_FACTS_SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "probes",
+                                   "known_facts_smollm2.jsonl")
+
+
+def known_facts(path: str) -> Document:
+  """A known-facts probe (``experiments/knowledge_incorporation/make_known_facts.py``): general
+  questions the base model answers correctly, as one closed-book document."""
+  with open(path, encoding="utf-8") as f:
+    qs = [json.loads(line) for line in f if line.strip()]
+  return Document(os.path.basename(path), "", (),
+                  tuple(Question(q["q"], q["answer"], tuple(q.get("aliases", ()))) for q in qs))
+
+
 def world_documents(world, people, passages_per_person: int = 1) -> List[Document]:
   """Documents of the synthetic world's ``people``: train-template questions for sleep and the
   held-out templates for evaluation.
@@ -158,6 +172,10 @@ class WorldFormat:
   def dream_prompt(self, passage: str, template: str = "{context}") -> List[int]:
     return self.tok.encode(template.format(context=passage), add_bos=True)
 
+  def prompt(self, text: str) -> List[int]:
+    """Plain text to continue (the KL probe's generic prompts)."""
+    return self.tok.encode(text, add_bos=True)
+
   def bos(self) -> List[int]:
     return [self.tok.bos_id]
 
@@ -190,6 +208,10 @@ class ChatFormat:
 
   def dream_prompt(self, passage: str, template: str = "{context}") -> List[int]:
     return self._chat(template.format(context=passage))
+
+  def prompt(self, text: str) -> List[int]:
+    """A user turn as it is, without the short-answer instruction (the KL probe's prompts)."""
+    return self._chat(text)
 
   def bos(self) -> List[int]:
     return [self.tok.bos_id] if self.tok.add_bos_token and self.tok.bos_id is not None else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
+from sleep_jax.eval import kl_probe
 from sleep_jax.eval import qa as qa_eval
 
 
@@ -54,11 +55,14 @@ def eval_row(setup, params, mask, ecfg, t: int, in_context: Union[bool, str]):
 
 
 def retention(setup, params, mask, ecfg) -> Dict[str, float]:
-  """The setup's retention probes (``Setup.extra_evals``)."""
+  """The setup's retention probes (``Setup.extra_evals``) and, with a ``Setup.kl_probe``,
+  ``kl_to_base``: KL(base || model) on its generic prompts."""
   out = {}
   for name, (docs, in_ctx) in setup.extra_evals.items():
     _, _, sc = answer(setup, params, mask, docs, ecfg, in_context=in_ctx)
     out[name] = float(sc[ecfg.metric].mean())
+  if setup.kl_probe is not None:
+    out["kl_to_base"] = kl_probe.kl_to_base(setup.kl_probe, setup.params, params, setup.cfg, mask)
   return out
 
 

@@ -14,26 +14,34 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 
-def _mean_spread(values: Sequence[float]) -> str:
+def _mean_spread(values: Sequence[float], percent: bool = True) -> str:
   v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64)
   if v.size == 0:
     return "–"
+  scale, fmt = (100.0, ".1f") if percent else (1.0, ".3f")
   if v.size == 1:
-    return f"{100 * v[0]:.1f}"
-  return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
+    return f"{scale * v[0]:{fmt}}"
+  return f"{scale * v.mean():{fmt}} ± {scale * v.std(ddof=1):{fmt}}"
+
+
+NOT_PERCENT = ("kl_to_base", "kl_to_base_change")
 
 
 def markdown_table(results: Dict, columns: Sequence[tuple], title: str = "") -> str:
-  """Rows = methods; ``columns`` = [(metric key, header)]. Values shown in percent."""
+  """Rows = methods; ``columns`` = [(metric key, header)]. Values shown in percent, except the
+  keys in ``NOT_PERCENT`` (e.g. a KL in nats)."""
+  runs = [s["metrics"] for e in results["methods"].values() for s in e["seeds"].values()]
+  columns = [(k, h) for k, h in columns if any(m.get(k) is not None for m in runs)]  # no probe
   lines = [f"### {title}", ""] if title else []
   lines.append("| method | " + " | ".join(h for _, h in columns) + " | seeds |")
   lines.append("|---" * (len(columns) + 2) + "|")
   for name, entry in results["methods"].items():
     seeds = entry["seeds"]
-    cells = [_mean_spread([s["metrics"].get(k) for s in seeds.values()]) for k, _ in columns]
+    cells = [_mean_spread([s["metrics"].get(k) for s in seeds.values()], k not in NOT_PERCENT)
+             for k, _ in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
   lines.append("")
-  lines.append("Percent; mean ± sample standard deviation over seeds.")
+  lines.append("Percent (KL: nats per token); mean ± sample standard deviation over seeds.")
   return "\n".join(lines)
 
 
@@ -70,7 +78,7 @@ def grouped_table(results: Dict, key: str, title: str = "") -> str:
     cells = [_mean_spread([s.get("by_query", {}).get(key, {}).get(g) for s in seeds]) for g in gs]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
   lines.append("")
-  lines.append("Percent; mean ± sample standard deviation over seeds.")
+  lines.append("Percent (KL: nats per token); mean ± sample standard deviation over seeds.")
   return "\n".join(lines)
 
 

@@ -44,6 +44,9 @@ class Setup:
   # ``consolidation.anchor_prompts = k`` the first k are distilled from the model as it woke up
   # into the student, same prompt on both sides: a KL-to-base term on unrelated inputs.
   anchor_prompts: List[List[int]] = dataclasses.field(default_factory=list)
+  # Generic prompts with the base's continuations (``eval.kl_probe.KLProbe``): the retention
+  # probes then also report ``kl_to_base``, KL(base || model) there (0 for the base).
+  kl_probe: Optional[Any] = None
 
 
 def _same_setup(config, setup: Setup, seed: int) -> Setup:

@@ -15,7 +15,7 @@ import numpy as np
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
-from sleep_jax.eval import report
+from sleep_jax.eval import kl_probe, report
 from sleep_jax.tasks import models
 from sleep_jax.tasks.base import Setup, Task
 
@@ -35,8 +35,33 @@ def setup(config, model: models.Model) -> Setup:
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
     anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts))
+    # Generic prompts of the world: the opening words of biographies the base was trained on.
+    texts = [" ".join(world.passage(p).split()[:6])
+             for p in world.population("pretrain")[:int(c.eval.kl_prompts)]]
+  else:
+    extra, texts = _real_model_probes(c), kl_probe.read_prompts()[:int(c.eval.kl_prompts)]
   return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
-               anchor_prompts=anchors)
+               anchor_prompts=anchors, kl_probe=_kl_probe(c, model, texts))
+
+
+def _real_model_probes(config):
+  """Known facts of a real model (``eval.known_facts``: a file; "" = the shipped set of the
+  fetched SmolLM2, none for another model; "none" = off)."""
+  path = config.eval.known_facts
+  if path == "" and not config.gguf:
+    path = documents.KNOWN_FACTS_SMOLLM2
+  if path in ("", "none"):
+    return {}
+  return {"known_facts": ([documents.known_facts(path)], False)}
+
+
+def _kl_probe(config, model: models.Model, texts):
+  if not texts:
+    return None
+  return kl_probe.build(model.params, model.cfg, [model.fmt.prompt(t) for t in texts],
+                        stop_ids=model.fmt.stop_ids, pad_id=model.tok.pad_id,
+                        new_tokens=int(config.eval.kl_new_tokens),
+                        batch_size=int(config.eval.batch_size))
 
 
 def _anchor_prompts(world, fmt, skip: int, k: int):
@@ -55,21 +80,32 @@ def _anchor_prompts(world, fmt, skip: int, k: int):
 
 
 def jsonl_setup(config, model: models.Model) -> Setup:
-  docs = documents.load_jsonl(config.data.documents)
-  size = int(config.data.chunk_size) or len(docs)
+  c = config
+  docs = documents.load_jsonl(c.data.documents)[:int(c.data.max_documents) or None]
+  size = int(c.data.chunk_size) or len(docs)
   chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
-  return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, {}, model.base_metrics)
+  extra, texts = {}, []  # the tiny world model reads no general English
+  if c.model_source != "world":
+    extra, texts = _real_model_probes(c), kl_probe.read_prompts()[:int(c.eval.kl_prompts)]
+  return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
+               kl_probe=_kl_probe(c, model, texts))
 
 
 TABLE = (("closed_book_final", "closed-book (final)"), ("acquisition", "closed-book (just slept)"),
          ("wake_in_context", "in-context (wake)"), ("BWT", "BWT"), ("forgetting", "forgetting"),
-         ("retention_qa", "old facts (QA pop.)"), ("in_context_heldout", "reading skill"))
+         ("retention_qa", "old facts (QA pop.)"), ("in_context_heldout", "reading skill"),
+         ("known_facts", "known facts"), ("kl_to_base", "KL to base"))
 
 
-def write_report(results, workdir) -> str:
-  md = ["# Knowledge incorporation and continual learning on the synthetic world", "",
-        report.markdown_table(results, TABLE, "Closed-book exact match on new people "
-                              "(held-out question templates), retention and continual metrics"),
+def write_report(results, workdir, *, documents_file: str = "") -> str:
+  if documents_file:
+    title = f"# Knowledge incorporation on the documents of `{os.path.basename(documents_file)}`"
+    what = "Closed-book score on the documents' eval questions, retention and continual metrics"
+  else:
+    title = "# Knowledge incorporation and continual learning on the synthetic world"
+    what = ("Closed-book exact match on new people (held-out question templates), retention and "
+            "continual metrics")
+  md = [title, "", report.markdown_table(results, TABLE, what),
         "", "Plots: `plots/accuracy_matrices.png`, `plots/accuracy_over_chunks.png`."]
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -78,5 +114,9 @@ def write_report(results, workdir) -> str:
   return text
 
 
+def jsonl_report(results, workdir) -> str:
+  return write_report(results, workdir, documents_file=results["config"]["data"]["documents"])
+
+
 TASK = Task("world", setup, write_report)
-JSONL_TASK = Task("jsonl", jsonl_setup, write_report)
+JSONL_TASK = Task("jsonl", jsonl_setup, jsonl_report)
