@@ -1,40 +1,58 @@
 """absl entry point: ``python -m sleep_jax.main --config=FILE[:VARIANT] --workdir=DIR``.
 
-A thin dispatcher: it parses the config (``ml_collections.config_flags``; overrides as
-``--config.train.steps=100``), starts multi-host JAX if needed and runs the job that
-``config.job`` names. Jobs are ``fn(config, workdir)`` in ``JOBS``.
+A thin dispatcher: it checks the config (``ml_collections.config_flags``; overrides as
+``--config.train.steps=100``) and the workdir, locks the workdir, logs the config to
+``WORKDIR/run.log``, starts multi-host JAX if needed and runs the job that ``config.job`` names.
+Jobs are ``fn(config, workdir)`` in ``JOBS``.
+
+Exit codes (``sleep_jax/errors.py``): 0 done or preempted and saved; 2 a user error, one
+``error: ...`` line (``--debug`` or ``SLEEP_JAX_DEBUG=1``: with the traceback); 3 the run
+diverged (NaN/inf); anything else an internal error with its traceback.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sleep_jax import errors
+from sleep_jax import workdir as workdir_lib
 from sleep_jax.configs import loader
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file FILE[:VARIANT], e.g. sleep_jax/configs/default.py:tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
+flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 
 # job name -> "module:function"; imported lazily so that one job's imports never slow another.
 JOBS = {
     "train_lm": "sleep_jax.train.lm_job:run",
     "sleep_cycle": "sleep_jax.sleep.cycle:run",
 }
+# job name -> "module:function(config)" that raises UserError on a bad config, run before the
+# workdir is written to (a refused run leaves an existing workdir byte-identical).
+CHECKS = {
+    "sleep_cycle": "sleep_jax.sleep.validate:check",
+}
+
+
+def _load(ref: str):
+  module, _, fn = ref.partition(":")
+  return getattr(importlib.import_module(module), fn)
 
 
 def resolve_job(name: str):
   if name not in JOBS:
     near = difflib.get_close_matches(name, list(JOBS), n=3)
-    raise app.UsageError(f"unknown job {name!r}" + (f"; did you mean {near}?" if near else "")
-                         + f" Jobs: {sorted(JOBS)}")
-  module, _, fn = JOBS[name].partition(":")
-  return getattr(importlib.import_module(module), fn)
+    raise errors.UserError(f"unknown job {name!r}" + (f"; did you mean {near}?" if near else "")
+                           + f" Jobs: {sorted(JOBS)}")
+  return _load(JOBS[name])
 
 
 def _quiet_orbax(record) -> bool:
@@ -44,28 +62,76 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required")
-  # Before anything touches a device: multi-host jobs must initialise jax.distributed first.
-  from sleep_jax.parallel import mesh as mesh_lib
-  mesh_lib.initialize_distributed(config.distributed)
-  logging.info("job %s, workdir %s\n%s", config.job, _WORKDIR.value, config)
-  resolve_job(config.job)(config, _WORKDIR.value)
+  with _reported():
+    if len(argv) > 1:
+      raise errors.UserError(f"unexpected arguments: {argv[1:]}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    job = resolve_job(config.job)
+    workdir_lib.prepare(workdir)
+    if config.job in CHECKS:
+      _load(CHECKS[config.job])(config)
+    lock = None
+    if config.get("distributed", "off") == "off" and not workdir_lib.is_remote(workdir):
+      lock = workdir_lib.Lock(workdir).acquire()
+    try:
+      # Before anything touches a device: multi-host jobs must initialise jax.distributed first.
+      from sleep_jax.parallel import mesh as mesh_lib
+      mesh_lib.initialize_distributed(config.distributed)
+      # The whole config goes to WORKDIR/run.log, not the terminal.
+      workdir_lib.log_invocation(workdir, sys.argv, str(config))
+      job(config, workdir)
+    finally:
+      if lock is not None:
+        lock.release()
+
+
+def _debug() -> bool:
+  return "--debug" in sys.argv or os.environ.get("SLEEP_JAX_DEBUG", "") not in ("", "0")
+
+
+class _reported:
+  """Turns the errors of ``sleep_jax/errors.py`` into one line and an exit code."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if e is None or _debug():
+      return False
+    if isinstance(e, errors.Preempted):
+      sys.stderr.write(f"{e}\n")
+      sys.exit(0)
+    if isinstance(e, (errors.UserError, errors.NonFiniteError)):
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2 if isinstance(e, errors.UserError) else 3)
+    return False
+
+
+def _precheck(argv) -> None:
+  """What absl's flag parsing would report as a multi-line usage dump: a missing --config or
+  --workdir, a config file or variant that does not exist, a mistyped override key."""
+  spec, _ = loader.overrides_from_argv(argv)
+  if spec is None:
+    raise errors.UserError("--config=FILE[:VARIANT] is required, e.g. "
+                           "--config=sleep_jax/configs/knowledge.py")
+  if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv[1:]):
+    raise errors.UserError("--workdir=DIR is required (checkpoints, results and logs go there)")
+  try:
+    loader.validate_argv(argv)
+  except FileNotFoundError as e:
+    raise errors.UserError(f"{e}; pass an existing file, e.g. "
+                           "--config=sleep_jax/configs/knowledge.py") from None
+  except errors.UserError:
+    raise
+  except ValueError as e:  # get_config(variant): "unknown variant ..."
+    raise errors.UserError(f"--config={spec}: {e}") from None
 
 
 def run(argv=None):
   """Console-script entry (``sleep-jax``) and ``python -m sleep_jax.main``."""
   argv = list(sys.argv if argv is None else argv)
-  try:
-    loader.validate_argv(argv)
-  except loader.ConfigKeyError as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
+  with _reported():
+    _precheck(argv)
   # config_flags finds the --config.* overrides in sys.argv itself, so keep the two in sync.
   sys.argv = argv
   app.run(main, argv=argv)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 
 import pytest
 
+from sleep_jax import errors
 from sleep_jax.configs import knowledge
 from sleep_jax.data import documents
 from sleep_jax.sleep import cycle, methods
@@ -22,10 +24,31 @@ def _config(base_cache, methods=("sleep",)):
   return c
 
 
-def _kill_and_resume(tmp_path, base_cache, method):
-  ref = cycle.run_experiment(_config(base_cache, (method,)), str(tmp_path / "ref"),
-                             log=lambda *_: None)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base_cache):
+  """Uninterrupted runs, computed once per method for every interruption test."""
+  cache = {}
 
+  def get(method):
+    if method not in cache:
+      work = str(tmp_path_factory.mktemp(f"ref_{method}"))
+      cache[method] = cycle.run_experiment(_config(base_cache, (method,)), work,
+                                           log=lambda *_: None)["methods"][method]["seeds"]["0"]
+    return cache[method]
+  return get
+
+
+def _resume_equals(reference, base_cache, work, method):
+  assert not os.path.exists(os.path.join(work, "runs", method, "seed_0", "result.json"))
+  resumed = cycle.run_experiment(_config(base_cache, (method,)), work, log=lambda *_: None)
+  a, b = reference(method), resumed["methods"][method]["seeds"]["0"]
+  assert a["params_sha1"] == b["params_sha1"]
+  assert a["R"] == b["R"] and a["answers"] == b["answers"]
+  for f in ("results.json", "results.md", "plots/accuracy_matrices.png"):
+    assert os.path.exists(os.path.join(work, f))
+
+
+def _kill_and_resume(tmp_path, base_cache, reference, method):
   def kill(phase, chunk, step):
     if phase == "consolidation" and chunk == 1 and step == 1:
       raise cycle.Interrupted("simulated kill in the middle of the second sleep")
@@ -33,24 +56,34 @@ def _kill_and_resume(tmp_path, base_cache, method):
   work = str(tmp_path / "killed")
   with pytest.raises(cycle.Interrupted):
     cycle.run_experiment(_config(base_cache, (method,)), work, hook=kill, log=lambda *_: None)
-  assert not os.path.exists(os.path.join(work, "runs", method, "seed_0", "result.json"))
-  resumed = cycle.run_experiment(_config(base_cache, (method,)), work, log=lambda *_: None)
-  a = ref["methods"][method]["seeds"]["0"]
-  b = resumed["methods"][method]["seeds"]["0"]
-  assert a["params_sha1"] == b["params_sha1"]
-  assert a["R"] == b["R"] and a["answers"] == b["answers"]
-  for f in ("results.json", "results.md", "plots/accuracy_matrices.png"):
-    assert os.path.exists(os.path.join(work, f))
+  _resume_equals(reference, base_cache, work, method)
 
 
-def test_resume_after_kill_mid_sleep_equals_uninterrupted(tmp_path, base_cache):
+def test_resume_after_kill_mid_sleep_equals_uninterrupted(tmp_path, base_cache, reference):
   """Consolidation and deep sleep (the compile-light path of the driver)."""
-  _kill_and_resume(tmp_path, base_cache, "sleep_no_dream")
+  _kill_and_resume(tmp_path, base_cache, reference, "sleep_no_dream")
+
+
+def test_sigterm_mid_consolidation_saves_and_resumes_bit_identical(tmp_path, base_cache,
+                                                                    reference):
+  """A real SIGTERM during the first consolidation: the phase finishes, is saved, the run stops
+  with ``Preempted`` (the command line exits 0), and the resumed run equals the uninterrupted."""
+  def term(phase, chunk, step):
+    if phase == "consolidation" and chunk == 0 and step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  work = str(tmp_path / "preempted")
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(errors.Preempted, match="after chunk 0 phase consolidation"):
+    cycle.run_experiment(_config(base_cache, ("sleep_no_dream",)), work, hook=term,
+                         log=lambda *_: None)
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
+  _resume_equals(reference, base_cache, work, "sleep_no_dream")
 
 
 @pytest.mark.slow
-def test_resume_with_dreaming_equals_uninterrupted(tmp_path, base_cache):
-  _kill_and_resume(tmp_path, base_cache, "sleep")
+def test_resume_with_dreaming_equals_uninterrupted(tmp_path, base_cache, reference):
+  _kill_and_resume(tmp_path, base_cache, reference, "sleep")
 
 
 def test_documents_file_runs_end_to_end(tmp_path, base_cache):
@@ -86,3 +119,45 @@ def test_malformed_documents_name_the_line(tmp_path, line, msg):
 def test_unknown_method_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown method 'slep'. Did you mean 'sleep'"):
     methods.get("slep")
+
+
+_KILL_IN_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.handlers import standard_checkpoint_handler as h
+calls, target, orig = [0], int(os.environ["KILL_AT_SAVE"]), h.StandardCheckpointHandler.finalize
+def finalize(self, directory):  # the arrays are written, the step not yet committed: kill -9
+  calls[0] += 1
+  if calls[0] == target:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return orig(self, directory)
+h.StandardCheckpointHandler.finalize = finalize
+from sleep_jax import main
+main.run(sys.argv)
+"""
+
+
+def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
+    tmp_path, base_cache, reference):
+  """A real SIGKILL of ``python -m sleep_jax.main`` in the middle of its third checkpoint save
+  (after the first consolidation): the same command then finishes as an uninterrupted run."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = str(tmp_path / "w")
+  args = ["--config=sleep_jax/configs/knowledge.py:test", "--config.methods=('sleep_no_dream',)",
+          f"--config.base_cache={base_cache}", f"--workdir={work}"]
+  env = dict(os.environ, KILL_AT_SAVE="3")
+  p = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, *args], cwd=root, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+  ckpt = os.path.join(work, "runs", "sleep_no_dream", "seed_0", "ckpt")
+  assert sorted(os.listdir(ckpt))[:2] == ["1", "2"] and not os.path.exists(
+      os.path.join(ckpt, "3"))  # step 3 was never committed
+  env.pop("KILL_AT_SAVE")
+  p = subprocess.run([sys.executable, "-m", "sleep_jax.main", *args], cwd=root, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  with open(os.path.join(work, "results.json")) as f:
+    b = json.load(f)["methods"]["sleep_no_dream"]["seeds"]["0"]
+  a = reference("sleep_no_dream")
+  assert a["params_sha1"] == b["params_sha1"] and a["R"] == b["R"]

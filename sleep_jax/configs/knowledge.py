@@ -53,6 +53,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Tuples, so that the command line can pick them: --config.methods='("base","sleep")'
   c.seeds = (0,)
   c.methods = tuple(MAIN_METHODS)
+  # A run directory recorded with another (result-relevant) config: "error" stops naming the
+  # keys, "restart" discards that run and starts it again (sleep/run_records.py).
+  c.on_config_change = "error"
   c.model_source = "world"  # "world": the cached tiny base model | "gguf": an imported checkpoint
   c.gguf = ""  # model_source="gguf": path ("" = the fetched SmolLM2)
   c.data = ml_collections.ConfigDict(dict(
@@ -60,6 +63,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       documents="",  # source="jsonl": the user's documents file
       chunk_size=0,  # documents per wake chunk (0 = all people of a world chunk / all documents)
       max_documents=0,  # source="jsonl": the first n documents of the file (0 = all)
+      # A passage + question longer than seq_len is an error; True cuts the passage to fit
+      # (with a warning naming the document).
+      truncate=False,
       # world: 1 = single-passage regime; n > 1 = the many-passage ("continued pretraining")
       # regime, each new person arrives as n paraphrased passages (variant ``continued``)
       passages_per_person=1,

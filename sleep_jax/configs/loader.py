@@ -18,17 +18,19 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import ml_collections
 
+from sleep_jax.errors import UserError
 
-class ConfigKeyError(ValueError):
+
+class ConfigKeyError(UserError):
   """An override names a config key that does not exist."""
 
 
 def pick(table, name: str, what: str):
-  """``table[name]``, or a ValueError naming the nearest valid name and all of them."""
+  """``table[name]``, or a UserError (a ValueError) naming the nearest valid name and all."""
   if name not in table:
     near = difflib.get_close_matches(str(name), list(table), n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"unknown {what} {name!r}.{hint} Valid: {sorted(table)}")
+    raise UserError(f"unknown {what} {name!r}.{hint} Valid: {sorted(table)}")
   return table[name]
 
 
@@ -116,11 +118,23 @@ def overrides_from_argv(argv: Sequence[str], flag: str = "config"
 def validate_argv(argv: Sequence[str], flag: str = "config") -> None:
   """Loads the config named on the command line and checks every override key."""
   spec, overrides = overrides_from_argv(argv, flag)
-  if spec is None or not overrides:
+  if spec is None:
     return
   config = load_config(spec)
-  for key, _ in overrides:
+  for key, value in overrides:
     check_key(config, key)
+    if value is not None:
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      try:
+        apply_overrides(config, [f"{key}={value}"])
+      except (ValueError, TypeError, SyntaxError):
+        want = type(node).__name__
+        example = {"tuple": "('a','b')", "int": "10", "float": "0.001", "bool": "True"}.get(want)
+        article = "an" if want[0] in "aeiou" else "a"
+        raise ConfigKeyError(f"cannot set --config.{key}={value}: expected {article} {want}"
+                             + (f", e.g. --config.{key}={example}" if example else "")) from None
 
 
 def _parse_value(text: str, current):

@@ -26,6 +26,8 @@ import json
 import os
 from typing import List
 
+from sleep_jax.errors import UserError
+
 RECALL_PROMPT = "What do you know about the document \"{id}\"?"
 
 
@@ -48,7 +50,7 @@ class Document:
   eval_questions: tuple  # of Question: scored closed-book after sleep
 
 
-class DocumentError(ValueError):
+class DocumentError(UserError):
   """A malformed documents file; the message names the file and line."""
 
 
@@ -65,41 +67,49 @@ def _question(obj, where: str, field: str) -> Question:
 
 def load_jsonl(path: str) -> List[Document]:
   """Reads and validates a documents file; errors name the line."""
+  if not path:
+    raise DocumentError("data.source='jsonl' needs a documents file: pass "
+                        "--config.data.documents=FILE (one JSON object per line)")
   try:
-    f = open(path, encoding="utf-8")
+    with open(path, "rb") as f:
+      raw = f.read().split(b"\n")
   except OSError as e:
-    raise DocumentError(f"cannot read documents file {path!r}: {e}") from None
+    raise DocumentError(f"cannot read documents file {path!r}: {e.strerror}") from None
   docs, seen = [], set()
-  with f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DocumentError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise DocumentError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      unknown = set(obj) - {"id", "passage", "questions", "train_questions"}
-      if unknown:
-        raise DocumentError(f"{where}: unknown fields {sorted(unknown)}; expected id, passage, "
-                            "questions, train_questions")
-      if "id" not in obj or not isinstance(obj.get("passage"), str) or not obj["passage"].strip():
-        raise DocumentError(f"{where}: needs an 'id' and a non-empty string 'passage'")
-      doc_id = str(obj["id"])
-      if doc_id in seen:
-        raise DocumentError(f"{where}: duplicate id {doc_id!r}")
-      seen.add(doc_id)
-      qs = obj.get("questions")
-      if not isinstance(qs, list) or not qs:
-        raise DocumentError(f"{where}: 'questions' must be a non-empty list")
-      evals = tuple(_question(q, where, "questions") for q in qs)
-      trains = tuple(_question(q, where, "train_questions")
-                     for q in obj.get("train_questions", []))
-      if not trains:
-        trains = (Question(RECALL_PROMPT.format(id=doc_id), obj["passage"]),)
-      docs.append(Document(doc_id, obj["passage"], trains, evals))
+  for n, data in enumerate(raw, 1):
+    try:
+      line = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DocumentError(f"{path}:{n}: not UTF-8 text (byte {data[e.start]:#04x} at column "
+                          f"{e.start + 1}); save the file as UTF-8") from None
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DocumentError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+      raise DocumentError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - {"id", "passage", "questions", "train_questions"}
+    if unknown:
+      raise DocumentError(f"{where}: unknown fields {sorted(unknown)}; expected id, passage, "
+                          "questions, train_questions")
+    if "id" not in obj or not isinstance(obj.get("passage"), str) or not obj["passage"].strip():
+      raise DocumentError(f"{where}: needs an 'id' and a non-empty string 'passage'")
+    doc_id = str(obj["id"])
+    if doc_id in seen:
+      raise DocumentError(f"{where}: duplicate id {doc_id!r}")
+    seen.add(doc_id)
+    qs = obj.get("questions")
+    if not isinstance(qs, list) or not qs:
+      raise DocumentError(f"{where}: 'questions' must be a non-empty list")
+    evals = tuple(_question(q, where, "questions") for q in qs)
+    trains = tuple(_question(q, where, "train_questions")
+                   for q in obj.get("train_questions", []))
+    if not trains:
+      trains = (Question(RECALL_PROMPT.format(id=doc_id), obj["passage"]),)
+    docs.append(Document(doc_id, obj["passage"], trains, evals))
   if not docs:
     raise DocumentError(f"{path}: no documents")
   return docs

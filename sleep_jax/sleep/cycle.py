@@ -14,20 +14,24 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import tasks
+from sleep_jax import workdir as workdir_lib
+from sleep_jax.errors import NonFiniteError, Preempted
 from sleep_jax.eval import answers, continual
 from sleep_jax.eval.metrics_writer import MetricsWriter, progress
 from sleep_jax.model import transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.sleep import dream_phase, phases
+from sleep_jax.sleep import dream_phase, phases, run_records, validate
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.sleep_state import SleepState
 
@@ -48,16 +52,45 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_finite(st: SleepState, metrics: Dict[str, Any], where: str, ckpt_dir: str) -> None:
+  """NonFiniteError if a phase left a NaN/inf loss or parameter: raised before the state is
+  saved or scored, so the last checkpoint (the state before the phase) stays the last good one."""
+  bad = [f"{k}={v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+  if not bool(_all_finite(st.params)):
+    bad.append("parameters")
+  if bad:
+    step = metrics.get("nonfinite_step")
+    raise NonFiniteError(
+        f"{where}{f' step {step}' if step is not None else ''}: non-finite {', '.join(bad)}; "
+        f"nothing of this phase was saved or scored, the last good checkpoint is in {ckpt_dir}. "
+        "Lower the learning rate (or check the inputs) and run again")
+
+
 def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
   """One (method, seed) run through every chunk; returns its result (also ``result.json``)."""
-  out_dir = os.path.join(workdir, "runs", ctx.name, f"seed_{ctx.seed}")
-  done = os.path.join(out_dir, "result.json")
+  out_dir = run_records.run_dir(workdir, ctx.name, ctx.seed)
+  run_records.check_or_claim(ctx.config, out_dir, ctx.name, ctx.seed, log=log)
+  done = os.path.join(out_dir, run_records.RESULT_FILE)
   if os.path.exists(done):
+    log(f"{ctx.name} seed {ctx.seed}: finished, reused ({done})")
     with open(done) as f:
       return json.load(f)
-  os.makedirs(out_dir, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2, async_save=False,
-                               handle_sigterm=False)
+  ckpt_dir = os.path.join(out_dir, "ckpt")
+  # SIGTERM (preemption) asks the loop to stop at the next phase boundary, after its save.
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2, async_save=False)
+  try:
+    return _run_method(ctx, ckpt=ckpt, done=done, log=log)
+  finally:
+    ckpt.close()
+
+
+def _run_method(ctx: phases.Context, *, ckpt, done: str, log) -> Dict[str, Any]:
   s, c = ctx.setup, ctx.config
   st = SleepState(s.params, transformer.slot_mask_none(s.cfg))
   if dream_phase.uses_generator(ctx.method):
@@ -72,9 +105,19 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
   else:
     st.retention_before = answers.retention(s, st.params, st.slot_mask, c.eval)
 
-  def save():
+  def save(where: str):
     st.counter += 1
-    ckpt.save(st.counter, st.arrays(), position=st.position())
+    try:
+      ckpt.save(st.counter, st.arrays(), position=st.position())
+    except Exception as e:  # noqa: BLE001 - only a full disk becomes a user error
+      if workdir_lib.is_disk_full(e):
+        last = ckpt.latest_step()
+        raise workdir_lib.disk_full(ckpt.directory, os.path.join(ckpt.directory, str(last))
+                                    if last is not None else "") from None
+      raise
+    if ckpt.should_stop(st.counter):
+      raise Preempted(f"SIGTERM: {ctx.name} seed {ctx.seed} saved after {where} in "
+                      f"{ckpt.directory}; run the same command to resume")
 
   # Dream-generator training before the stream, one checkpointed step per training task.
   gsteps = (int(c.generator_training.epochs) * len(s.generator_docs)
@@ -84,9 +127,11 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
                        initial=st.generator_step)
     while st.generator_step < gsteps:
       st, m = dream_phase.generator_step(st, ctx, st.generator_step)
+      check_finite(st, m, f"{ctx.name} seed {ctx.seed} dream-generator training step "
+                   f"{st.generator_step}", ckpt.directory)
       st.generator_info.append(m)
       st.generator_step += 1
-      save()
+      save(f"dream-generator step {st.generator_step}")
       bar.update(1)
     bar.close()
 
@@ -102,6 +147,7 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
       # Per-task protocol: every task starts from the post-generator model.
       st.params, st.slot_mask, st.slot = s.params, transformer.slot_mask_none(s.cfg), -1
     st, metrics = PHASE_FNS[st.phase](st, ctx, t)
+    check_finite(st, metrics, f"{ctx.name} seed {ctx.seed} chunk {t} phase {ph}", ckpt.directory)
     st.info[t].update(metrics)
     # Dispatch is asynchronous: without the wait a phase's compute would be billed to the
     # checkpoint save after it.
@@ -110,8 +156,8 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
     st.phase += 1
     if st.phase == len(PHASES):
       st.chunk, st.phase = t + 1, 0
-    save()
     bar.update(1)
+    save(f"chunk {t} phase {ph}")
   bar.close()
 
   R = np.asarray(st.R)
@@ -132,7 +178,6 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
   with open(tmp, "w") as f:
     json.dump(result, f, indent=1)
   os.replace(tmp, done)
-  ckpt.close()
   return result
 
 
@@ -157,15 +202,17 @@ def context(config, setup, name: str, seed: int, hook: Optional[Callable] = None
 
 def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=print
                    ) -> Dict[str, Any]:
-  """Runs ``config.methods`` x ``config.seeds`` and writes results.json / results.md / plots."""
+  """Runs ``config.methods`` x ``config.seeds`` and writes results.json / results.md / plots
+  (with every finished run of the workdir that has this config, not only this invocation's)."""
+  validate.check(config)  # every user mistake we can see without compute, before any
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.mesh_from_config(config)
   task = tasks.get(config.data.source)
   names = [str(m) for m in config.methods]
-  for n in names:  # unknown names fail before any work
-    methods_lib.get(n)
   # The base model is loaded (or pretrained, once) on one device, then placed on the mesh.
   setup = tasks.make_setup(config, workdir, log=log)
+  if config.data.source == "jsonl":
+    validate.bound_inputs(config, setup, log=log)
   with mesh_lib.use_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext():
     setup = place(setup, mesh)
     writer = MetricsWriter(workdir)
@@ -184,6 +231,10 @@ def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=pr
         log(f"{name} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items()
                                                 if isinstance(v, float)))
     writer.close()
+    for name, seed, r in run_records.finished_runs(config, workdir):  # earlier invocations'
+      seeds = results["methods"].setdefault(name, {"seeds": {}})["seeds"]
+      if seed not in seeds:
+        seeds[seed] = task.finish_run(config, task.for_seed(config, setup, int(seed)), r)
   write_outputs(results, workdir)
   return results
 

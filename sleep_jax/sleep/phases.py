@@ -10,6 +10,7 @@ table's business: a phase that has nothing to do for it returns the state unchan
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any, Callable, Dict, Tuple
 
@@ -126,7 +127,11 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
                      "consolidation",
                      golds=task_lib.gold_answers(ctx.setup, docs) + [[]] * len(anchors))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
-  return st, {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
+  out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
+  bad = [i for i, h in enumerate(res.history) if not math.isfinite(h.get("loss", 0.0))]
+  if bad:  # the run stops on it (cycle.check_finite), naming this step
+    out["nonfinite_step"] = bad[0]
+  return st, out
 
 
 def deep_sleep(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax.data.tokenizer import WordTokenizer
+from sleep_jax.errors import UserError
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.tasks.pretrain import BaseModel, PretrainConfig, _print, corpus_for, pretrain
 
@@ -63,6 +65,16 @@ def load(directory: str) -> BaseModel:
   return BaseModel(params, cfg, tok, corpus_for(recipe), recipe, meta["metrics"])
 
 
+def _load_or_explain(directory: str, fix: str) -> BaseModel:
+  """``load`` with a one-line error naming the unreadable file and how to rebuild it."""
+  try:
+    return load(directory)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    name = getattr(e, "filename", None) or directory
+    raise UserError(f"base model in {directory} is unreadable ({name}: {type(e).__name__}: "
+                    f"{e}); {fix}") from None
+
+
 def is_cached(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, _META))
 
@@ -73,17 +85,18 @@ def pretrain_or_load(cache_dir: str, recipe: PretrainConfig = PretrainConfig(),
 
   Raises if ``cache_dir`` holds a model of a different recipe (use another directory)."""
   if is_cached(cache_dir):
-    base = load(cache_dir)
+    base = _load_or_explain(cache_dir, f"delete {cache_dir} to rebuild it")
     if base.recipe != recipe:
-      raise ValueError(f"{cache_dir} caches a base model of another recipe:\n{base.recipe}\n"
+      raise UserError(f"{cache_dir} caches a base model of another recipe:\n{base.recipe}\n"
                        f"requested:\n{recipe}\nuse another cache directory")
     if base.tokenizer.itos != base.world.tokenizer.itos:
-      raise ValueError(f"{cache_dir}: cached tokenizer differs from the world's tokenizer")
+      raise UserError(f"{cache_dir}: cached tokenizer differs from the world's tokenizer; delete "
+                      f"{cache_dir} to rebuild it")
     log(f"loaded base model from {cache_dir}")
     return base
   packaged = packaged_base(recipe)
   if packaged is not None:
-    base = load(packaged)
+    base = _load_or_explain(packaged, "reinstall the package (pip install -e .) to restore it")
     save(base, cache_dir)
     log(f"using the packaged base model {packaged} (its recipe is the requested one); "
         f"copied to {cache_dir}")

@@ -1,0 +1,114 @@
+"""Checks of a sleep-cycle config and its inputs before any compute: every mistake found here is
+a one-line ``UserError`` (method names, sizes, the documents file, the model file), and inputs
+longer than the model's context are refused (or cut, when asked) before any model work."""
+
+from __future__ import annotations
+
+from typing import List
+
+from sleep_jax import tasks
+from sleep_jax.errors import UserError
+from sleep_jax.sleep import methods as methods_lib
+
+POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.max_new_tokens",
+            "sft.steps", "sft.batch_size", "eval.batch_size", "eval.max_new_tokens",
+            "dreaming.m", "dreaming.max_new_tokens", "dream_training.steps",
+            "dream_training.batch_size", "seq_len")
+CHOICES = {"eval.metric": ("em", "contains"), "eval.rows": ("all", "latest"),
+           "on_config_change": ("error", "restart"), "model_source": ("world", "gguf")}
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def check(config) -> None:
+  """Raises UserError on the first invalid setting of ``config``; cheap (no model work)."""
+  c = config
+  if not tuple(c.methods):
+    raise UserError("config.methods is empty; name at least one method, e.g. "
+                    "--config.methods='(\"base\",\"sleep\")'")
+  for name in c.methods:
+    methods_lib.get(str(name))
+  if not tuple(c.seeds) or not all(isinstance(s, int) and s >= 0 for s in c.seeds):
+    raise UserError(f"config.seeds={tuple(c.seeds)!r}: needs one or more integers >= 0, e.g. "
+                    "--config.seeds='(0,1,2)'")
+  for key in POSITIVE:
+    v = _get(c, key)
+    if not isinstance(v, int) or v <= 0:
+      raise UserError(f"config.{key}={v!r} must be a positive integer")
+  for key, valid in CHOICES.items():
+    if _get(c, key) not in valid:
+      raise UserError(f"config.{key}={_get(c, key)!r}; valid: {', '.join(valid)}")
+  tasks.get(c.data.source)
+  if c.data.source == "world" and int(c.world_chunks) < 1:
+    raise UserError(f"config.world_chunks={c.world_chunks} must be >= 1")
+  for key in ("data.chunk_size", "data.max_documents"):
+    if int(_get(c, key)) < 0:
+      raise UserError(f"config.{key}={_get(c, key)} must be >= 0 (0 = all)")
+  if c.data.source == "jsonl":
+    from sleep_jax.data import documents
+    documents.load_jsonl(c.data.documents)  # every line checked now, not after the model loads
+  if c.model_source == "gguf":
+    _check_gguf(c.gguf)
+
+
+def _check_gguf(path: str) -> None:
+  from sleep_jax.model import fetch
+  if not path:
+    try:
+      path = fetch.smollm2_path()
+    except FileNotFoundError as e:
+      raise UserError(str(e)) from None
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    raise UserError(f"cannot read model file {path!r} ({e.strerror}); pass --config.gguf=FILE "
+                    "or fetch SmolLM2 with `python -m sleep_jax.model.fetch`") from None
+  if magic != b"GGUF":
+    raise UserError(f"model file {path!r} is not a GGUF file (it starts with {magic!r}); "
+                    "re-fetch it with `python -m sleep_jax.model.fetch`")
+
+
+def bound_inputs(config, setup, log=print) -> None:
+  """Every document's longest prompt (passage + question) plus the answer budget must fit in
+  ``config.seq_len``; otherwise UserError naming the document, or with ``data.truncate`` its
+  passage is cut to fit (a warning names it). Mutates ``setup.chunks`` only when cutting."""
+  import dataclasses
+  limit = int(config.seq_len)
+  budget = max(int(config.eval.max_new_tokens), int(config.consolidation.max_new_tokens))
+  fmt = setup.fmt
+
+  def longest(passage: str, doc) -> int:
+    qs = [q.q for q in (*doc.train_questions, *doc.eval_questions)] or [""]
+    return max(len(fmt.with_context(passage, q)) for q in qs) + budget
+
+  for ci, chunk in enumerate(setup.chunks):
+    out: List = []
+    for doc in chunk:
+      n = longest(doc.passage, doc)
+      if n > limit:
+        if not config.data.truncate:
+          raise UserError(f"document {doc.id!r}: passage + question + {budget} answer tokens = "
+                          f"{n} tokens > seq_len {limit}; shorten or split it, raise "
+                          "--config.seq_len, or pass --config.data.truncate=True to cut it")
+        words = doc.passage.split()
+        lo, hi = 0, len(words)  # the longest prefix of words that fits
+        while lo < hi:
+          mid = (lo + hi + 1) // 2
+          if longest(" ".join(words[:mid]), doc) <= limit:
+            lo = mid
+          else:
+            hi = mid - 1
+        if lo == 0:
+          raise UserError(f"document {doc.id!r}: even without its passage a question does not "
+                          f"fit in seq_len {limit}")
+        log(f"warning: document {doc.id!r} cut from {len(words)} to {lo} words to fit seq_len "
+            f"{limit} (data.truncate=True)")
+        doc = dataclasses.replace(doc, passage=" ".join(words[:lo]))
+      out.append(doc)
+    setup.chunks[ci] = out
