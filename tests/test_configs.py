@@ -82,7 +82,7 @@ def test_main_rejects_mistyped_key_with_suggestion(tmp_path):
   assert not os.listdir(tmp_path)  # nothing ran
 
 
-def test_unknown_job_is_a_usage_error():
-  from absl import app
-  with pytest.raises(app.UsageError, match="train_lm"):
+def test_unknown_job_is_a_user_error():
+  from sleep_jax.errors import UserError
+  with pytest.raises(UserError, match="train_lm"):
     main.resolve_job("train_llm")

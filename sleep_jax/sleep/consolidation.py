@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 16
   c.sample_temperature = 1.0
   c.sample_top_k = 0
-  c.replay_fraction = 0.0  # older episodic-memory items mixed into each sleep
+  # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
+  # mixed into each sleep, this fraction of the new ones.
+  c.replay_fraction = 0.0
   # beta: weight of the student's cross-entropy on answers the source supports (a document's
   # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
   c.ce_weight = 0.0

@@ -120,7 +120,7 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
     return st, {}
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
-  docs = ctx.setup.chunks[t]
+  docs = ctx.setup.chunks[t] + replayed_documents(ctx, t, float(kcfg.replay_fraction))
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
   res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
                      task_lib.student_prompts(ctx.setup, docs) + anchors, kcfg, t,
@@ -132,6 +132,18 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   if bad:  # the run stops on it (cycle.check_finite), naming this step
     out["nonfinite_step"] = bad[0]
   return st, out
+
+
+def replayed_documents(ctx: Context, t: int, fraction: float) -> list:
+  """Replay: ``fraction`` x as many documents as chunk t has, drawn uniformly from the earlier
+  chunks (their passages are the episodic memory), so a sleep re-distils what earlier sleeps
+  stored instead of overwriting it. The draw depends on (seed, method, chunk) only."""
+  old = [d for ch in ctx.setup.chunks[:t] for d in ch]
+  n = min(len(old), int(round(fraction * len(ctx.setup.chunks[t]))))
+  if n == 0:
+    return []
+  pick = jax.random.choice(ctx.key(t, "replay"), len(old), (n,), replace=False)
+  return [old[int(i)] for i in np.asarray(pick)]
 
 
 def deep_sleep(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
