@@ -222,17 +222,19 @@ def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=pr
                                "base": setup.base_metrics.get("final", {}),
                                "stream": [[d.id for d in ch] for ch in setup.chunks],
                                "generator_tasks": [d.id for d in setup.generator_docs]}
-    for mi, name in enumerate(names):
-      entry = results["methods"].setdefault(name, {"seeds": {}})
-      for seed in config.seeds:
-        s = task.for_seed(config, setup, int(seed))
-        ctx = context(config, s, name, int(seed), hook)
-        r = task.finish_run(config, s, run_method(ctx, workdir, log=log))
-        entry["seeds"][str(seed)] = r
-        writer.write(mi, {f"{name}/{k}": v for k, v in r["metrics"].items()})
-        log(f"{name} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items()
-                                                if isinstance(v, float)))
-    writer.close()
+    try:  # a stop (error, SIGTERM) still flushes what was written
+      for mi, name in enumerate(names):
+        entry = results["methods"].setdefault(name, {"seeds": {}})
+        for seed in config.seeds:
+          s = task.for_seed(config, setup, int(seed))
+          ctx = context(config, s, name, int(seed), hook)
+          r = task.finish_run(config, s, run_method(ctx, workdir, log=log))
+          entry["seeds"][str(seed)] = r
+          writer.write(mi, {f"{name}/{k}": v for k, v in r["metrics"].items()})
+          log(f"{name} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items()
+                                                  if isinstance(v, float)))
+    finally:
+      writer.close()
     for name, seed, r in run_records.finished_runs(config, workdir):  # earlier invocations'
       seeds = results["methods"].setdefault(name, {"seeds": {}})["seeds"]
       if seed not in seeds:
