@@ -127,9 +127,36 @@ def _precheck(argv) -> None:
     raise errors.UserError(f"--config={spec}: {e}") from None
 
 
+def help_text() -> str:
+  """The config files with their variants and the methods, one line each, and a working example."""
+  from sleep_jax.sleep import methods as methods_lib
+  here = os.path.dirname(loader.__file__)
+  lines = ["usage: python -m sleep_jax.main --config=FILE[:VARIANT] --workdir=DIR "
+           "[--config.KEY=VALUE ...] [--debug]", "",
+           "example (the main job, ~4 minutes on 2 CPU cores):",
+           "  python -m sleep_jax.main --config=sleep_jax/configs/knowledge.py "
+           "--workdir=/tmp/sleep_jax_run", "", "config files (sleep_jax/configs/) and variants:"]
+  for name in sorted(os.listdir(here)):
+    if not name.endswith(".py") or name in ("__init__.py", "loader.py"):
+      continue
+    module = loader.load_module(os.path.join(here, name))
+    lines.append(f"  {name}: {(module.__doc__ or '').strip().splitlines()[0]}")
+    for variant, what in getattr(module, "HELP", {}).items():
+      lines.append(f"      :{variant:<18} {what}")
+  lines += ["", "methods (--config.methods='(\"base\",\"sleep\")'; sleep_cycle configs):"]
+  lines += [f"  {m:<24} {what}" for m, what in methods_lib.ONE_LINE.items()]
+  lines += ["", "Any key can be overridden (--config.consolidation.steps=30). Exit codes: 0 done or "
+            "preempted and saved, 2 a user error (one line; --debug for the traceback), 3 a "
+            "diverged run (NaN/inf)."]
+  return "\n".join(lines)
+
+
 def run(argv=None):
   """Console-script entry (``sleep-jax``) and ``python -m sleep_jax.main``."""
   argv = list(sys.argv if argv is None else argv)
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+    print(help_text())
+    sys.exit(0)
   with _reported():
     _precheck(argv)
   # config_flags finds the --config.* overrides in sys.argv itself, so keep the two in sync.

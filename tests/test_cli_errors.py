@@ -154,3 +154,21 @@ def test_read_only_workdir(tmp_path):
   w.chmod(0o500)
   p = _run([TEST], w)
   assert p.returncode == 2 and p.stderr.startswith("error: ") and "not writable" in p.stderr
+
+
+def test_help_lists_config_files_variants_and_methods():
+  from sleep_jax.configs import loader
+  from sleep_jax.sleep import methods
+  p = subprocess.run([sys.executable, "-m", "sleep_jax.main", "--help"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert p.returncode == 0, p.stderr
+  here = os.path.join(ROOT, "sleep_jax", "configs")
+  for name in ("default.py", "knowledge.py", "few_shot.py", "long_horizon.py"):
+    assert f"  {name}: " in p.stdout
+    module = loader.load_module(os.path.join(here, name))
+    for variant in module.HELP:  # every listed variant exists
+      assert f":{variant} " in p.stdout and module.get_config(variant) is not None
+  for m in methods.METHODS:
+    assert f"  {m} " in p.stdout
+  assert "--config=sleep_jax/configs/knowledge.py --workdir=" in p.stdout

@@ -48,6 +48,14 @@ def _gen_block(gen: arc.GenConfig) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+HELP = {
+    "generated": "generated ARC-like tasks at CPU size (the tiny base)",
+    "seal": "the real ARC SEAL split with SmolLM2-135M (GPU)",
+    "seal_cpu": "the 7 held-out real ARC tasks that fit 768 tokens, on 2 CPU cores",
+    "test": "seconds-long, for the unit tests",
+}
+
+
 def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
   c = knowledge.get_config("default")
   c.methods = METHODS
@@ -160,5 +168,5 @@ def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
     c.sft.steps, c.sft.batch_size, c.sft.variants = 2, 2, 1
     c.eval.max_new_tokens = 4
   else:
-    raise ValueError(f"unknown variant {variant!r}; valid: generated, seal, seal_cpu, test")
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(HELP)}")
   return c

@@ -29,6 +29,18 @@ import ml_collections
 from sleep_jax.sleep import consolidation, dreaming
 from sleep_jax.tasks import pretrain
 
+HELP = {
+    "default": "the README's main job: the six main methods on 3 chunks (~4 min on 2 cores)",
+    "full": "every method and ablation, 3 seeds, 5 chunks",
+    "continued": "the many-passage regime: 4 paraphrased passages per new person",
+    "continual": "the continual-learning stream: 5 chunks, 3 seeds, accuracy matrices",
+    "recall": "a base that recalls its own facts, with the storage levers (~8 min)",
+    "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
+    "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
+    "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
+    "smollm2_docs_gpu": "the same on all 48 passages, 3 seeds, GPU-sized",
+    "test": "seconds-long, for the unit tests",
+}
 MAIN_METHODS = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
 ALL_METHODS = MAIN_METHODS + ("sft_selfgen", "sleep_no_imitation", "sleep_no_semantic",
                               "sleep_no_expansion", "sleep_no_random_expert",
@@ -244,6 +256,5 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.sft.batch_size = 2
     c.eval.retention_people = 5
   else:
-    raise ValueError(f"unknown variant {variant!r}; valid: default, continued, full, continual, "
-                     "recall, smollm2, smollm2_gpu, smollm2_docs, smollm2_docs_gpu, test")
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(HELP)}")
   return c

@@ -34,15 +34,21 @@ def pick(table, name: str, what: str):
   return table[name]
 
 
+def load_module(path: str):
+  """The config file at ``path`` as a module (its ``get_config``, ``HELP``, docstring)."""
+  module_spec = importlib.util.spec_from_file_location(
+      "_sleep_jax_config_" + os.path.basename(path).replace(".", "_"), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``path/to/file.py[:variant]`` -> the file's ``get_config(variant)``."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} not found (from --config={spec})")
-  module_spec = importlib.util.spec_from_file_location(
-      "_sleep_jax_config_" + os.path.basename(path).replace(".", "_"), path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_module(path)
   return module.get_config(arg) if arg else module.get_config()
 
 

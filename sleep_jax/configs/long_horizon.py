@@ -48,6 +48,13 @@ def _stream_block(cfg) -> ml_collections.ConfigDict:
       k: getattr(cfg, k) for k in cfg.__dataclass_fields__}))
 
 
+HELP = {
+    "needles": "multi-key needles in a stream longer than the context",
+    "story": "a story whose facts change over the stream",
+    "test": "seconds-long, for the unit tests",
+}
+
+
 def get_config(variant: str = "needles") -> ml_collections.ConfigDict:
   c = knowledge.get_config("default")
   c.base = knowledge._base_recipe(stream_recipe())
@@ -86,5 +93,5 @@ def get_config(variant: str = "needles") -> ml_collections.ConfigDict:
     c.sft.steps = 2
     c.sft.batch_size = 2
   else:
-    raise ValueError(f"unknown variant {variant!r}; valid: needles, story, test")
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(HELP)}")
   return c
