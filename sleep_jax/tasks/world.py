@@ -15,7 +15,7 @@ import numpy as np
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
-from sleep_jax.eval import kl_probe, report
+from sleep_jax.eval import kl_probe, report, verdict
 from sleep_jax.tasks import models
 from sleep_jax.tasks.base import Setup, Task
 
@@ -105,8 +105,11 @@ def write_report(results, workdir, *, documents_file: str = "") -> str:
     title = "# Knowledge incorporation and continual learning on the synthetic world"
     what = ("Closed-book exact match on new people (held-out question templates), retention and "
             "continual metrics")
-  md = [title, "", report.markdown_table(results, TABLE, what),
-        "", "Plots: `plots/accuracy_matrices.png`, `plots/accuracy_over_chunks.png`."]
+  md = [title, "", verdict.verdict(results), "", report.markdown_table(results, TABLE, what), "",
+        verdict.legend(results, TABLE), "", verdict.dream_table(results), "",
+        verdict.time_table(results), "",
+        "Plots: `plots/accuracy_matrices.png`, `plots/accuracy_over_chunks.png`."]
+  md = [x for i, x in enumerate(md) if x or (i and md[i - 1])]  # no empty sections
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")

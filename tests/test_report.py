@@ -1,0 +1,44 @@
+"""results.md as a report: the verdict computed from the numbers, the legend, spreads only with
+two or more seeds."""
+
+import numpy as np
+
+from sleep_jax.eval import verdict
+from sleep_jax.tasks import world
+
+
+def _run(acq, reading, seconds=1.0, dreams=None):
+  info = [{"seconds_consolidation": seconds, **({"dreams_accepted": dreams,
+                                                 "dream_acceptance": 0.5} if dreams else {})}]
+  return {"metrics": {"acquisition": acq, "closed_book_final": acq, "in_context_heldout": reading,
+                      "BWT": 0.0}, "R": [[acq]], "info": info}
+
+
+def _results(seeds):
+  rows = {"base": (0.05, 0.90), "in_context": (0.85, 0.90), "sft": (0.15, 0.45),
+          "sleep": (0.45, 0.81)}
+  out = {"methods": {}}
+  for m, (a, r) in rows.items():
+    out["methods"][m] = {"seeds": {str(s): _run(a + 0.01 * s, r, dreams=3 if m == "sleep" else None)
+                                   for s in range(seeds)}}
+  return out
+
+
+def test_one_seed_report_has_the_verdict_the_legend_and_no_spread(tmp_path):
+  md = world.write_report(_results(1), str(tmp_path))
+  assert "**Verdict.** Closed-book right after sleeping on a chunk: sft 15.0% (12% of the gap); " \
+         "sleep 45.0% (50% of the gap)." in md
+  assert "Most stored: sleep (+30.0 points over sft)." in md
+  assert "Kept of the base's reading skill (90.0%): sft 50%, sleep 90%." in md
+  assert "* **closed-book (just slept)**: closed-book accuracy on a chunk right after" in md
+  assert "known facts" not in md.split("Columns:")[1]  # no run has it: not defined either
+  table = md.split("| method | closed-book (final)")[1].split("\n\n")[0]
+  assert "±" not in table and "| sleep | 45.0 |" in table
+  assert "| sleep | 3.0 | 50% |" in md  # dreams accepted per chunk, acceptance rate
+  assert (tmp_path / "results.md").read_text().startswith("# Knowledge incorporation")
+
+
+def test_three_seeds_show_mean_and_spread(tmp_path):
+  md = world.write_report(_results(3), str(tmp_path))
+  assert "| sleep | 46.0 ± 1.0 |" in md
+  assert np.isclose(verdict.stored_share(_results(3), "sleep"), 0.5)
