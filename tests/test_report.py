@@ -1,6 +1,8 @@
 """results.md as a report: the verdict computed from the numbers, the legend, spreads only with
 two or more seeds."""
 
+import os
+
 import numpy as np
 
 from sleep_jax.eval import verdict
@@ -42,3 +44,24 @@ def test_three_seeds_show_mean_and_spread(tmp_path):
   md = world.write_report(_results(3), str(tmp_path))
   assert "| sleep | 46.0 ± 1.0 |" in md
   assert np.isclose(verdict.stored_share(_results(3), "sleep"), 0.5)
+
+
+def test_every_plot_is_written_with_labelled_axes_and_colour_bars(tmp_path):
+  from sleep_jax.eval import plots
+  res = _results(2)
+  figs = dict(plots.figures(res))
+  assert set(figs) == {"accuracy_matrices", "accuracy_over_chunks", "tradeoff_in_context_heldout"}
+  for stem, fig in figs.items():
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    for ax in axes:
+      if ax.axison:
+        assert ax.get_xlabel() and ax.get_ylabel(), stem
+  bars = [a for a in figs["accuracy_matrices"].axes if a.get_label() == "<colorbar>"]
+  assert len(bars) == 4 and all(b.get_ylabel() == "closed-book accuracy (%)" for b in bars)
+  over = figs["accuracy_over_chunks"].axes[0]
+  assert any(t.get_text() == "in-context ceiling" for t in over.texts)
+  trade = figs["tradeoff_in_context_heldout"].axes[0]
+  assert "in-context ceiling" in [t.get_text() for t in trade.get_legend().get_texts()]
+  assert len(trade.collections) == 4  # one scatter per method (2 seeds each)
+  paths = plots.plot_results(res, str(tmp_path / "plots"))
+  assert len(paths) == 6 and all(os.path.getsize(p) > 1000 for p in paths)

@@ -8,7 +8,7 @@ import dataclasses
 import os
 
 from sleep_jax.data import long_horizon as lh
-from sleep_jax.eval import report
+from sleep_jax.eval import plots, report
 from sleep_jax.tasks import models
 from sleep_jax.tasks.base import Setup, Task
 
@@ -62,7 +62,7 @@ def write_report(results, workdir) -> str:
     f.write(text + "\n")
   report.plot_accuracy_by_distance(results, os.path.join(workdir, "plots",
                                                          "accuracy_by_distance.png"))
-  report.plot_results(results, os.path.join(workdir, "plots"))
+  plots.plot_results(results, os.path.join(workdir, "plots"))
   return text
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
-from sleep_jax.eval import kl_probe, report, verdict
+from sleep_jax.eval import kl_probe, plots, report, verdict
 from sleep_jax.tasks import models
 from sleep_jax.tasks.base import Setup, Task
 
@@ -108,12 +108,13 @@ def write_report(results, workdir, *, documents_file: str = "") -> str:
   md = [title, "", verdict.verdict(results), "", report.markdown_table(results, TABLE, what), "",
         verdict.legend(results, TABLE), "", verdict.dream_table(results), "",
         verdict.time_table(results), "",
-        "Plots: `plots/accuracy_matrices.png`, `plots/accuracy_over_chunks.png`."]
+        "Plots (PNG and SVG): `plots/accuracy_matrices`, `plots/accuracy_over_chunks`, "
+        "`plots/tradeoff_<probe>` (acquisition against each retention probe)."]
   md = [x for i, x in enumerate(md) if x or (i and md[i - 1])]  # no empty sections
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
-  report.plot_results(results, os.path.join(workdir, "plots"))
+  plots.plot_results(results, os.path.join(workdir, "plots"))
   return text
 
 
