@@ -65,3 +65,18 @@ def test_every_plot_is_written_with_labelled_axes_and_colour_bars(tmp_path):
   assert len(trade.collections) == 4  # one scatter per method (2 seeds each)
   paths = plots.plot_results(res, str(tmp_path / "plots"))
   assert len(paths) == 6 and all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_progress_in_a_log_file_is_one_line_per_loop():
+  import io
+  from sleep_jax.eval.metrics_writer import LineProgress
+  out = io.StringIO()
+  bar = LineProgress(total=3, desc="sleep seed 0 chunk 1 consolidation", stream=out)
+  for _ in range(3):
+    bar.update(1)
+  bar.set_postfix(loss="0.5")
+  bar.close()
+  bar.close()
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("sleep seed 0 chunk 1 consolidation: 3/3 in ")
+  assert lines[0].endswith("loss=0.5")

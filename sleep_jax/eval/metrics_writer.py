@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Iterable, Mapping, Optional
 
@@ -91,11 +92,54 @@ def read_jsonl(path: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class LineProgress:
+  """A log-friendly progress bar: one line when the loop ends (count, seconds, rate) instead of
+  hundreds of redraws in a log file. Used when stderr is not a terminal."""
+
+  def __init__(self, total=None, initial=0, desc="", stream=None):
+    self.n, self.total, self.desc, self.stream = initial, total, desc, stream or sys.stderr
+    self.start_n, self.t0, self.postfix = initial, time.perf_counter(), ""
+    self.closed = False
+
+  def _print(self, text):
+    self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def update(self, n=1):
+    self.n += n
+
+  def set_postfix(self, **kw):
+    self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+  def close(self):
+    if self.closed:
+      return
+    self.closed = True
+    dt = time.perf_counter() - self.t0
+    rate = (self.n - self.start_n) / dt if dt > 0 else 0.0
+    self._print(f"{self.desc}: {self.n}/{self.total} in {dt:.1f} s ({rate:.2f}/s)"
+                + (f", {self.postfix}" if self.postfix else ""))
+
+
+class _Off:
+  def update(self, n=1):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
 def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None,
              initial: int = 0, desc: str = "", enabled: Optional[bool] = None, **kwargs):
-  """tqdm bar with rate and ETA for long loops; silent on processes other than 0."""
+  """A bar with rate and ETA for long loops (tqdm on a terminal, ``LineProgress`` in a log
+  file); silent on processes other than 0."""
   if enabled is None:
     import jax
     enabled = jax.process_index() == 0
+  if iterable is None and not sys.stderr.isatty():
+    return LineProgress(total, initial, desc) if enabled else _Off()
   return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc, disable=not enabled,
                    dynamic_ncols=True, **kwargs)
