@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax.eval import answers
-from sleep_jax.sleep import consolidation, dream_batches, dreaming, phases
+from sleep_jax.eval import qa as qa_eval
+from sleep_jax.sleep import consolidation, dream_batches, dream_qa, dreaming, phases
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.phases import Context, dreams_as_rows
 from sleep_jax.sleep.sleep_state import SleepState
@@ -86,6 +87,13 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
           "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
           "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
           if res.metrics else 0.0}
+  dcfg = methods_lib.dreaming_config(m, c.dreaming)
+  triples = []
+  if "qa" in dcfg.templates:  # dreams asked to be questions about the passage: measure them
+    texts, passages = _accepted_texts(res, ctx, t, len(dcfg.templates))
+    info.update(dream_qa.quality(texts, passages))
+    triples = [(p, q, a) for x, p in zip(texts, passages) for q, a in dream_qa.parse_qa_pairs(x)]
+    info["dream_qa_pairs"] = len(triples)
   expands = m.consolidation is not None
   if len(res) == 0 or (st.slot == -1 and expands):
     return st, info
@@ -112,16 +120,38 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   kcfg.steps, kcfg.batch_size = steps, bs
   kcfg.optimizer = dt.optimizer
   teacher = [r[v & ~c_].tolist() for r, v, c_ in zip(toks, valid, cm)]
+  student = [s.fmt.bos()] * len(res)
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
+  if dcfg.qa_items and triples:
+    # The dream's questions in the query format: the model reading the passage answers each
+    # (its answer, not the dream's, is the target), the student is asked closed-book.
+    teacher, student = dream_qa.qa_items(s.fmt, triples)
+    completions = qa_eval.greedy_completions(
+        st.params, s.cfg, teacher, max_new_tokens=int(kcfg.max_new_tokens),
+        stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, slot_mask=st.slot_mask)
+    info["dream_training_items"] = len(teacher)
   out = phases.with_progress(ctx, t, "dream_training", steps, lambda on_step: (
       consolidation.consolidate_data(
-          st.params, st.slot_mask, s.cfg, teacher, [s.fmt.bos()] * len(res), completions, kcfg,
+          st.params, st.slot_mask, s.cfg, teacher, student, completions, kcfg,
           phases.FAST_LEVEL, st.slot, ctx.key(t, "dream_training"),
           stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, on_step=on_step)))
   st.params = out.params
   if out.history:
     info["dream_training_loss"] = out.history[-1]["loss"]
   return st, info
+
+
+def _accepted_texts(res, ctx: Context, t: int, n_templates: int):
+  """The accepted dreams' written text and the passage each was prompted with."""
+  toks = np.asarray(res.dreams.tokens)
+  cm = np.asarray(res.dreams.completion_mask, bool)
+  docs = ctx.setup.chunks[t]
+  texts, passages = [], []
+  for r, c_, pi in zip(toks, cm, np.asarray(res.prompt_index)):
+    if pi >= 0:  # the model's own dream (not an offered task variant)
+      texts.append(ctx.setup.tok.decode([int(x) for x in r[c_]]))
+      passages.append(docs[int(pi) // n_templates].passage)
+  return texts, passages
 
 
 def uses_generator(method: methods_lib.Method) -> bool:

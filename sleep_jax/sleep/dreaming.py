@@ -58,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   (``methods.METHODS``) applies them."""
   c = ml_collections.ConfigDict()
   c.enabled = True  # False: "Sleep without dreaming"
+  # Knowledge tasks with a question-writing template (``dream_qa.py``): True consolidates the
+  # (question, answer) pairs parsed from the accepted dreams, each question answered by the
+  # model reading the passage, instead of the raw dream text.
+  c.qa_items = False
   c.rounds = 2  # sample -> score -> select -> trials -> reward -> ReST-EM rounds per sleep
   # Sampling (step 1).
   c.m = 16  # dreams sampled per round (prompts are tiled over the m rows)

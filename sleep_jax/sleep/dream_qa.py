@@ -1,0 +1,68 @@
+"""Dreams that are study material about a passage: question/answer pairs the model wrote.
+
+A knowledge task's dream prompt holds the passage and asks for questions with short answers
+(``dreaming.templates``). ``parse_qa_pairs`` reads the pairs out of what the model wrote, in the
+layouts models use ("Q: ... A: ...", "Question: ... Answer: ...", "1. ...? ..."); ``quality``
+measures a sleep's dreams (well-formed, about the passage, answer supported by the passage); and
+``qa_items`` turns the pairs into consolidation items: the teacher reads the passage and the
+question (so the in-context model answers, not the dream's own answer), the student the
+question closed-book — the query format the facts must be recalled in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Sequence, Tuple
+
+from sleep_jax.losses.rewards import normalize_answer
+
+_QA = re.compile(r"(?:^|\n|\s)(?:Q|Question)\s*\d*\s*[:.)]\s*(?P<q>.+?)\s*"
+                 r"(?:\n|\s)(?:A|Answer)\s*\d*\s*[:.)]\s*(?P<a>[^\n]+?)(?=\s*(?:\n|$|Q\s*\d*[:.)]|"
+                 r"Question\s*\d*[:.)]))", re.IGNORECASE | re.DOTALL)
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s*(?P<q>[^?\n]+\?)\s*(?:[-:\u2013]\s*)?(?P<a>[^\n]+)$",
+                       re.MULTILINE)
+
+
+def parse_qa_pairs(text: str) -> List[Tuple[str, str]]:
+  """(question, answer) pairs in ``text``; empty answers and questions without a '?' or a
+  question word are dropped."""
+  pairs = [(m.group("q"), m.group("a")) for m in _QA.finditer(text)]
+  if not pairs:
+    pairs = [(m.group("q"), m.group("a")) for m in _NUMBERED.finditer(text)]
+  out = []
+  for q, a in pairs:
+    q, a = " ".join(q.split()), " ".join(a.split()).strip(" .")
+    if a and len(q.split()) >= 3 and len(a.split()) <= 12:
+      out.append((q, a))
+  return out
+
+
+def _names(passage: str) -> set:
+  """The passage's capitalised words after the first word of a sentence (its entity names)."""
+  words = re.findall(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]{2,}\b", passage)
+  return set(words)
+
+
+def quality(texts: Sequence[str], passages: Sequence[str]) -> Dict[str, float]:
+  """Fractions of dreams that are well-formed (at least one pair), about their passage (a
+  question names one of its entities) and supported (an answer occurs in the passage)."""
+  n = len(texts)
+  if n == 0:
+    return {"dream_wellformed": 0.0, "dream_about_passage": 0.0, "dream_supported": 0.0}
+  wf = about = sup = 0
+  for text, passage in zip(texts, passages):
+    pairs = parse_qa_pairs(text)
+    wf += bool(pairs)
+    names, norm = _names(passage), f" {normalize_answer(passage)} "
+    about += any(any(w in q for w in names) for q, _ in pairs)
+    sup += any(normalize_answer(a) and f" {normalize_answer(a)} " in norm for _, a in pairs)
+  return {"dream_wellformed": wf / n, "dream_about_passage": about / n,
+          "dream_supported": sup / n}
+
+
+def qa_items(fmt, pairs_with_passages: Sequence[Tuple[str, str, str]]):
+  """(teacher prompts, student prompts) for (passage, question, answer) triples: the teacher
+  reads the passage, the student is asked closed-book."""
+  teacher = [fmt.with_context(p, q) for p, q, _ in pairs_with_passages]
+  student = [fmt.closed_book(q) for _, q, _ in pairs_with_passages]
+  return teacher, student
