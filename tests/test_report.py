@@ -80,3 +80,10 @@ def test_progress_in_a_log_file_is_one_line_per_loop():
   lines = out.getvalue().splitlines()
   assert len(lines) == 1 and lines[0].startswith("sleep seed 0 chunk 1 consolidation: 3/3 in ")
   assert lines[0].endswith("loss=0.5")
+  out = io.StringIO()
+  bar = LineProgress(total=4, desc="slow loop", stream=out)
+  bar.every = 0.0  # a long loop: a line per interval with the ETA, then the final one
+  bar.update(1)
+  bar.close()
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 2 and lines[0].startswith("slow loop: 1/4, ") and "ETA" in lines[0]

@@ -94,11 +94,15 @@ def read_jsonl(path: str) -> list:
 
 class LineProgress:
   """A log-friendly progress bar: one line when the loop ends (count, seconds, rate) instead of
-  hundreds of redraws in a log file. Used when stderr is not a terminal."""
+  hundreds of redraws in a log file, and for long loops one line a minute (``every`` seconds)
+  with the ETA, so a log shows the run is alive. Used when stderr is not a terminal."""
+
+  every = 60.0
 
   def __init__(self, total=None, initial=0, desc="", stream=None):
     self.n, self.total, self.desc, self.stream = initial, total, desc, stream or sys.stderr
     self.start_n, self.t0, self.postfix = initial, time.perf_counter(), ""
+    self.last = self.t0
     self.closed = False
 
   def _print(self, text):
@@ -107,6 +111,12 @@ class LineProgress:
 
   def update(self, n=1):
     self.n += n
+    now = time.perf_counter()
+    if now - self.last >= self.every and self.total:
+      done = self.n - self.start_n
+      eta = (now - self.t0) / done * (self.total - self.n) if done else float("nan")
+      self._print(f"{self.desc}: {self.n}/{self.total}, {now - self.t0:.0f} s, ETA {eta:.0f} s")
+      self.last = now
 
   def set_postfix(self, **kw):
     self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
