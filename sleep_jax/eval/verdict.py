@@ -23,7 +23,7 @@ LEGEND = {
     "forgetting": "mean drop from each earlier chunk's best accuracy to its final one",
     "retention_qa": "closed-book accuracy on facts the base model knew (its pretraining QA "
                     "population) after the stream",
-    "in_context_heldout": "reading skill: in-context accuracy on new people after the stream",
+    "in_context_heldout": "in-context accuracy on new people (never learnt) after the stream",
     "known_facts": "general questions the base model answered correctly, after the stream",
     "kl_to_base": "KL(base || model) per token on generic prompts with the base's own answers "
                   "(nats; 0 = unchanged behaviour)",
@@ -66,7 +66,7 @@ def verdict(results: Dict) -> str:
       continue
     txt = f"{m} {100 * acq:.1f}%"
     if share is not None:
-      txt += f" ({100 * share:.0f}% of the gap)"
+      txt += f" ({round(100 * share) + 0:.0f}% of the gap)"  # + 0: no "-0%"
     parts.append(txt)
   out = ["**Verdict.** Closed-book right after sleeping on a chunk: " + "; ".join(parts) + "."]
   if base_acq is not None and ceil is not None:
