@@ -123,14 +123,14 @@ def test_unknown_method_is_a_clear_error():
 
 _KILL_IN_SAVE = """
 import os, signal, sys
-from orbax.checkpoint._src.handlers import standard_checkpoint_handler as h
-calls, target, orig = [0], int(os.environ["KILL_AT_SAVE"]), h.StandardCheckpointHandler.finalize
+import orbax.checkpoint as ocp
+calls, target, orig = [0], int(os.environ["KILL_AT_SAVE"]), ocp.StandardCheckpointHandler.finalize
 def finalize(self, directory):  # the arrays are written, the step not yet committed: kill -9
   calls[0] += 1
   if calls[0] == target:
     os.kill(os.getpid(), signal.SIGKILL)
   return orig(self, directory)
-h.StandardCheckpointHandler.finalize = finalize
+ocp.StandardCheckpointHandler.finalize = finalize
 from sleep_jax import main
 main.run(sys.argv)
 """
