@@ -67,7 +67,6 @@ def test_known_facts_file_is_a_closed_book_document():
 @pytest.mark.slow
 @pytest.mark.skipif(fetch.find_smollm2() is None, reason="SmolLM2 not fetched")
 def test_smollm2_base_scores_100_on_known_facts_and_0_kl():
-  import ml_collections
   from sleep_jax.configs import knowledge
   from sleep_jax.eval import answers
   from sleep_jax.tasks import models, world
@@ -78,7 +77,6 @@ def test_smollm2_base_scores_100_on_known_facts_and_0_kl():
   s = world.jsonl_setup(c, model)
   r = answers.retention(s, s.params, transformer.slot_mask_none(s.cfg), c.eval)
   assert r == {"known_facts": 1.0, "kl_to_base": 0.0}
-  del ml_collections
 
 
 def test_documents_set_generator(tmp_path):

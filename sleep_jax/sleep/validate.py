@@ -4,6 +4,7 @@ longer than the model's context are refused (or cut, when asked) before any mode
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 from sleep_jax import tasks
@@ -78,7 +79,6 @@ def bound_inputs(config, setup, log=print) -> None:
   """Every document's longest prompt (passage + question) plus the answer budget must fit in
   ``config.seq_len``; otherwise UserError naming the document, or with ``data.truncate`` its
   passage is cut to fit (a warning names it). Mutates ``setup.chunks`` only when cutting."""
-  import dataclasses
   limit = int(config.seq_len)
   budget = max(int(config.eval.max_new_tokens), int(config.consolidation.max_new_tokens))
   fmt = setup.fmt
