@@ -34,8 +34,27 @@ def reference(tmp_path_factory, base_cache):
       work = str(tmp_path_factory.mktemp(f"ref_{method}"))
       cache[method] = cycle.run_experiment(_config(base_cache, (method,)), work,
                                            log=lambda *_: None)["methods"][method]["seeds"]["0"]
+      get.curves[method] = _curves(work, method)
     return cache[method]
+  get.curves = {}
   return get
+
+
+def _curves(work, method):
+  """The run's training-curve points without their wall-clock times."""
+  path = os.path.join(work, "runs", method, "seed_0", "train_log.jsonl")
+  with open(path) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "time" and "seconds" not in k}
+            for line in f]
+
+
+def _same_curves(reference, work, method):
+  """A resumed run's curves are the uninterrupted run's: every point once, same values."""
+  reference(method)
+  a, b = reference.curves[method], _curves(work, method)
+  steps = [r["step"] for r in b if "step" in r]
+  assert steps == list(range(1, len(steps) + 1))  # one point per global step, no repeats
+  assert a == b
 
 
 def _resume_equals(reference, base_cache, work, method):
@@ -46,6 +65,7 @@ def _resume_equals(reference, base_cache, work, method):
   assert a["R"] == b["R"] and a["answers"] == b["answers"]
   for f in ("results.json", "results.md", "plots/accuracy_matrices.png"):
     assert os.path.exists(os.path.join(work, f))
+  _same_curves(reference, work, method)
 
 
 def _kill_and_resume(tmp_path, base_cache, reference, method):
@@ -138,21 +158,23 @@ main.run(sys.argv)
 
 def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
     tmp_path, base_cache, reference):
-  """A real SIGKILL of ``python -m sleep_jax.main`` in the middle of its third checkpoint save
-  (after the first consolidation): the same command then finishes as an uninterrupted run."""
+  """A real SIGKILL of ``python -m sleep_jax.main`` in the middle of its second checkpoint save
+  (after the first consolidation, whose curve points were already written): the same command
+  then finishes as an uninterrupted run, with every curve point once."""
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work = str(tmp_path / "w")
   args = ["--config=sleep_jax/configs/knowledge.py:test", "--config.methods=('sleep_no_dream',)",
           f"--config.base_cache={base_cache}", f"--workdir={work}"]
-  env = dict(os.environ, KILL_AT_SAVE="3")
+  env = dict(os.environ, KILL_AT_SAVE="2")
   p = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, *args], cwd=root, env=env,
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
   ckpt = os.path.join(work, "runs", "sleep_no_dream", "seed_0", "ckpt")
-  assert sorted(os.listdir(ckpt))[:2] == ["1", "2"] and not os.path.exists(
-      os.path.join(ckpt, "3"))  # step 3 was never committed
+  assert sorted(os.listdir(ckpt))[:1] == ["1"] and not os.path.exists(
+      os.path.join(ckpt, "2"))  # step 2 was never committed
+  assert any("consolidation/loss" in r for r in _curves(work, "sleep_no_dream"))
   env.pop("KILL_AT_SAVE")
   p = subprocess.run([sys.executable, "-m", "sleep_jax.main", *args], cwd=root, env=env,
                      capture_output=True, text=True, timeout=600)
@@ -161,3 +183,4 @@ def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
     b = json.load(f)["methods"]["sleep_no_dream"]["seeds"]["0"]
   a = reference("sleep_no_dream")
   assert a["params_sha1"] == b["params_sha1"] and a["R"] == b["R"]
+  _same_curves(reference, work, "sleep_no_dream")  # killed after the commit, before the save

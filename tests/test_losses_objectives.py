@@ -174,3 +174,33 @@ def test_losses_are_jittable_with_config_hyperparameters():
     jitted = jax.jit(fn)(*args)
     np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-5)
     assert set(jitted[1]) == set(eager[1]) and "loss" in eager[1]
+
+
+def test_gate_loss_matches_numpy_and_the_model_returns_its_gates():
+  """G = mean BCE(gate, y) over answer positions and new slots, as in NumPy; the gates the model
+  returns are sigmoid(w . x) of each level, and asking for them changes no logit."""
+  from sleep_jax.losses.objectives import gate_loss
+  from sleep_jax.model import config, transformer as T
+  rng = np.random.default_rng(0)
+  g = rng.uniform(0.05, 0.95, (2, 3, 4, 2)).astype(np.float32)  # (L, B, T, S)
+  mask = rng.uniform(size=(3, 4)) > 0.3
+  y = np.array([1.0, 0.0, 1.0], np.float32)
+  slots = np.array([[False, True]])
+  loss, m = gate_loss({0: jnp.asarray(g)}, jnp.asarray(mask), jnp.asarray(y), jnp.asarray(slots))
+  s = g[..., 1]
+  yy = np.broadcast_to(y[None, :, None], s.shape)
+  w = np.broadcast_to(mask[None], s.shape)
+  bce = -(yy * np.log(s + 1e-6) + (1 - yy) * np.log(1 - s + 1e-6))
+  np.testing.assert_allclose(loss, bce[w].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["gate_on_anchor"], s[w & (yy == 0)].mean(), rtol=1e-5)
+  cfg = config.tiny(vocab_size=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                    d_ff=(0, 32), n_experts=(1, 1), n_slots=2, slot_rank=4, chunk_sizes=(1, 1))
+  params = T.init(jax.random.key(0), cfg)
+  params["layers"]["cms_0"]["slot_router"] = jax.random.normal(
+      jax.random.key(1), params["layers"]["cms_0"]["slot_router"].shape)
+  tokens = jnp.asarray(rng.integers(0, 32, (2, 6)))
+  plain, _ = T.apply(params, tokens, cfg, logits_from=2)
+  logits, _, gates = T.apply(params, tokens, cfg, logits_from=2, return_gates=True)
+  np.testing.assert_array_equal(plain, logits)
+  assert set(gates) == {0, 1} and gates[0].shape == (2, 2, 4, 2)
+  assert float(gates[0].min()) > 0.0 and float(gates[0].max()) < 1.0

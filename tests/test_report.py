@@ -67,6 +67,28 @@ def test_every_plot_is_written_with_labelled_axes_and_colour_bars(tmp_path):
   assert len(paths) == 6 and all(os.path.getsize(p) > 1000 for p in paths)
 
 
+def test_learning_curves_are_read_from_the_runs_and_plotted(tmp_path):
+  from sleep_jax.eval import plots
+  from sleep_jax.eval.metrics_writer import RunLog
+  for method, phase, metrics in (("sleep", "consolidation", {"loss": 1.0, "agreement_teacher_data": 0.5}),
+                                 ("sft", "sft", {"loss": 2.0})):
+    log = RunLog(str(tmp_path / "runs" / method / "seed_0"), enabled=True)
+    for t in range(2):
+      for i in range(3):
+        log.step(phase, t, {k: v / (i + 1) for k, v in metrics.items()})
+      log.chunk(t, {"closed_book_just_slept": 0.1})
+    log.commit()
+    log.close()
+  curves = plots.read_curves(str(tmp_path / "runs"))
+  assert [r["step"] for r in curves["sleep"]] == [1, 2, 3, 4, 5, 6]
+  fig = dict(plots.figures(_results(1), curves))["learning_curves"]
+  sft_loss, sft_agree, loss, agree = fig.axes  # methods in name order
+  assert len(loss.lines) == 4 and loss.get_ylabel() == "loss"  # raw + smoothed per sleep
+  assert [x.get_text() for x in loss.get_legend().get_texts()] == ["chunk 0", "chunk 1"]
+  assert agree.get_ylabel() == "top-1 agreement (%)" and agree.lines[0].get_ydata()[0] == 50.0
+  assert sft_agree.texts[0].get_text() == "no teacher" and len(sft_loss.lines) == 4
+
+
 def test_progress_in_a_log_file_is_one_line_per_loop():
   import io
   from sleep_jax.eval.metrics_writer import LineProgress

@@ -14,6 +14,7 @@ consolidation phase alone, or ``--method=sft_questions`` etc.: that method's lea
 the workdir is /tmp/probe_consolidation_<variant>.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -46,7 +47,9 @@ def main(argv):
     override(c, kv)
   setup = make_setup(c, f"/tmp/probe_consolidation_{opts.get('variant', 'default')}",
                      log=lambda *a: None)
-  ctx = cycle.context(c, setup, opts.get("method", "sleep_no_dream"), 0)
+  last = {}  # the learning phase's last step metrics (gate openings, losses)
+  ctx = dataclasses.replace(cycle.context(c, setup, opts.get("method", "sleep_no_dream"), 0),
+                            log_step=lambda phase, t, m: last.update(m))
   docs = setup.chunks[0]
 
   def report(st, tag):
@@ -69,7 +72,8 @@ def main(argv):
   t0 = time.perf_counter()
   st, m = phases.consolidate(st, ctx, 0)
   seconds = time.perf_counter() - t0
-  print(f"{ctx.name}: {seconds:.0f} s, last loss {m}", flush=True)
+  print(f"{ctx.name}: {seconds:.0f} s, last step "
+        + json.dumps({k: round(v, 4) for k, v in last.items()}), flush=True)
   after = report(st, f"after {steps} steps {overrides}")
   if "out" in opts:
     with open(opts["out"], "a") as f:

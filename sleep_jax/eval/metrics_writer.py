@@ -2,7 +2,9 @@
 
 Only process 0 writes (every host computes the same replicated scalars). The JSON log is
 append-only, one ``{"step": ..., "time": ..., name: value, ...}`` object per line, so a resumed
-run keeps extending the same file and plots can be made without TensorBoard.
+run keeps extending the same file and plots can be made without TensorBoard. ``RunLog`` is the
+training curve of one (method, seed) run of the wake/sleep cycle: every optimizer step of every
+phase on one global step axis, and per-chunk metrics with the chunk as step.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class MetricsWriter:
   """``write(step, {"loss": ..., ...})`` to ``workdir/tensorboard`` and ``workdir/metrics.jsonl``."""
 
   def __init__(self, workdir: str, *, enabled: Optional[bool] = None, tensorboard: bool = True,
-               filename: str = "metrics.jsonl"):
+               filename: str = "metrics.jsonl", tb_dir: Optional[str] = None):
     if enabled is None:
       import jax
       enabled = jax.process_index() == 0
@@ -41,14 +43,16 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+        self._tb = SummaryWriter(tb_dir or os.path.join(workdir, "tensorboard"), flush_secs=30)
       self._file = open(self.path, "a")
 
-  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """Writes scalar metrics at ``step``; non-scalars are skipped, NaN/inf are kept as null."""
+  def write(self, step: int, scalars: Mapping[str, Any], axis: str = "step",
+            extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Writes scalar metrics at ``step`` (recorded as ``axis``); non-scalars are skipped,
+    NaN/inf are kept as null. ``extra``: fields of the JSON line only (not TensorBoard)."""
     if not self.enabled:
       return
-    record = {"step": int(step), "time": time.time()}
+    record = {axis: int(step), "time": time.time(), **(extra or {})}
     for k, v in scalars.items():
       x = _to_float(v)
       if x is None:
@@ -84,6 +88,66 @@ class MetricsWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class RunLog:
+  """The training curves of one (method, seed) run: TensorBoard events and ``train_log.jsonl``
+  in the run's directory (``tensorboard --logdir WORKDIR/runs`` shows one run per method and
+  seed).
+
+  ``step(phase, metrics)`` records one optimizer step of a phase at the next global step
+  (``"<phase>/<name>"``); ``chunk(t, metrics)`` per-chunk metrics at step t (``"chunk/<name>"``).
+  Points are held until ``commit()``, which the cycle calls right before each checkpoint: a
+  killed run re-runs its last phase from the checkpoint (bit-identically), and the points of a
+  phase reach the files once. Points at or below what the files already hold (a kill between a
+  commit and its checkpoint) are skipped, so a resumed run never duplicates a point.
+  """
+
+  def __init__(self, run_dir: str, global_step: int = 0, *, enabled: Optional[bool] = None):
+    if enabled is None:
+      import jax
+      enabled = jax.process_index() == 0
+    self.enabled, self.run_dir, self.global_step = enabled, run_dir, int(global_step)
+    self.path = os.path.join(run_dir, "train_log.jsonl")
+    self._pending: list = []
+    self._done = {"step": -1, "chunk": -1}  # the last point of each axis already in the files
+    if enabled and os.path.exists(self.path):
+      for r in read_jsonl(self.path):
+        axis = "step" if "step" in r else "chunk"  # a step's line also names its chunk
+        self._done[axis] = max(self._done[axis], int(r[axis]))
+    self._writer = None
+
+  def step(self, phase: str, t: int, metrics: Mapping[str, Any]) -> None:
+    """One optimizer step of ``phase`` during chunk ``t``'s sleep."""
+    self.global_step += 1
+    self._pending.append(("step", self.global_step, {f"{phase}/{k}": v for k, v in
+                                                     metrics.items() if k != "step"},
+                          {"phase": phase, "chunk": int(t)}))
+
+  def chunk(self, t: int, metrics: Mapping[str, Any], prefix: str = "chunk") -> None:
+    self._pending.append(("chunk", int(t), {f"{prefix}/{k}": v for k, v in metrics.items()},
+                          {"global_step": self.global_step}))
+
+  def commit(self) -> None:
+    pending, self._pending = self._pending, []
+    if not self.enabled:
+      return
+    new = [p for p in pending if p[1] > self._done[p[0]]]
+    if not new:
+      return
+    if self._writer is None:
+      self._writer = MetricsWriter(self.run_dir, enabled=True, filename="train_log.jsonl",
+                                   tb_dir=self.run_dir)
+    for axis, step, scalars, where in new:
+      self._writer.write(step, scalars, axis=axis, extra=where)
+      self._done[axis] = step
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._pending = []
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
 
 
 def read_jsonl(path: str) -> list:

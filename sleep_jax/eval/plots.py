@@ -7,14 +7,21 @@
 * ``tradeoff_<probe>``: acquisition (closed-book just slept) against what a method kept of a
   retention probe (reading skill, old facts, known facts), one point per method and seed, the
   base and the in-context ceiling as reference lines: does a method learn more and forget less?
+* ``learning_curves``: per method (its first seed), the loss of each sleep's learning phase
+  (consolidation, or the SFT baselines' fine-tuning) and the teacher/student agreement (how often
+  the student's most likely next token is the teacher's) over that sleep's steps, one line per
+  chunk; read from the runs' ``train_log.jsonl`` (``read_curves``).
 
-``figures(results)`` builds them (tests read their labels); ``plot_results`` writes and closes.
+``figures(results, curves)`` builds them (tests read their labels); ``plot_results`` writes and
+closes.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -124,9 +131,81 @@ def fig_tradeoff(results: Dict, key: str, ylabel: str):
   return fig
 
 
-def figures(results: Dict) -> List[Tuple[str, object]]:
-  """(file stem, figure) of every plot the results support."""
+LEARNING_PHASES = ("consolidation", "sft")
+
+
+def read_curves(runs_dir: str) -> Dict[str, List[dict]]:
+  """method -> the step lines of its first seed's ``train_log.jsonl`` (``RunLog``)."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(runs_dir, "*", "seed_*", "train_log.jsonl"))):
+    method = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    if method not in out:
+      with open(path) as f:
+        out[method] = [r for r in map(json.loads, f) if "step" in r]
+  return out
+
+
+def _phase_curves(records: List[dict]):
+  """(phase, {chunk: (losses, agreements)}) of the run's learning phase, or None."""
+  for phase in LEARNING_PHASES:
+    rows = [r for r in records if r.get("phase") == phase]
+    if rows:
+      by_chunk: Dict[int, Tuple[list, list]] = {}
+      for r in rows:
+        loss, agree = by_chunk.setdefault(r["chunk"], ([], []))
+        loss.append(r.get(f"{phase}/loss"))
+        a = [v for k, v in r.items() if k.startswith(f"{phase}/agreement_") and v is not None]
+        agree.append(100 * float(np.mean(a)) if a else None)
+      return phase, by_chunk
+  return None
+
+
+def _smooth(y: np.ndarray, k: int = 9) -> np.ndarray:
+  """Centred moving average over k steps (shorter at the ends), ignoring NaN."""
+  ok = np.isfinite(y)
+  kernel = np.ones(min(k, len(y)))
+  num = np.convolve(np.where(ok, y, 0.0), kernel, mode="same")
+  den = np.convolve(ok.astype(float), kernel, mode="same")
+  return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def fig_learning_curves(curves: Dict[str, List[dict]]):
+  plt = _plt()
+  runs = [(m, c) for m, c in ((m, _phase_curves(r)) for m, r in curves.items()) if c]
+  fig, axes = plt.subplots(len(runs), 2, figsize=(9, 2.4 * len(runs)), squeeze=False,
+                           layout="constrained")
+  for (ax_l, ax_a), (method, (phase, by_chunk)) in zip(axes, runs):
+    for t, (loss, agree) in sorted(by_chunk.items()):
+      for ax, ys in ((ax_l, loss), (ax_a, agree)):
+        if all(v is None for v in ys):
+          continue
+        ys = np.asarray([np.nan if v is None else v for v in ys], float)
+        x = np.arange(1, len(ys) + 1)
+        # Each step is one small batch: the raw points faint, a moving average on top.
+        raw = ax.plot(x, ys, lw=0.6, alpha=0.3)[0]
+        ax.plot(x, _smooth(ys), lw=1.5, color=raw.get_color(), label=f"chunk {t}")
+    ax_l.set_title(f"{method}: {phase} loss", fontsize=9)
+    ax_l.set_xlabel("step of the sleep")
+    ax_l.set_ylabel("loss")
+    ax_l.legend(fontsize=7)
+    ax_a.set_title(f"{method}: teacher/student agreement", fontsize=9)
+    ax_a.set_xlabel("step of the sleep")
+    ax_a.set_ylabel("top-1 agreement (%)")
+    if not ax_a.lines:  # fine-tuning has no teacher
+      ax_a.text(0.5, 0.5, "no teacher", ha="center", va="center", transform=ax_a.transAxes)
+      ax_a.set_xticks([])
+      ax_a.set_yticks([])
+    for ax in (ax_l, ax_a):
+      ax.grid(alpha=0.3)
+  return fig
+
+
+def figures(results: Dict, curves: Optional[Dict[str, List[dict]]] = None
+            ) -> List[Tuple[str, object]]:
+  """(file stem, figure) of every plot the results (and the runs' curves) support."""
   out = []
+  if curves and any(_phase_curves(r) for r in curves.values()):
+    out.append(("learning_curves", fig_learning_curves(curves)))
   if _matrices(results):
     out += [("accuracy_matrices", fig_matrices(results)),
             ("accuracy_over_chunks", fig_over_chunks(results))]
@@ -137,12 +216,15 @@ def figures(results: Dict) -> List[Tuple[str, object]]:
   return out
 
 
-def plot_results(results: Dict, out_dir: str) -> List[str]:
-  """Writes every figure as PNG and SVG into ``out_dir``; returns the paths."""
+def plot_results(results: Dict, out_dir: str, runs_dir: str = "") -> List[str]:
+  """Writes every figure as PNG and SVG into ``out_dir`` (with the learning curves of the runs
+  in ``runs_dir``, if given); returns the paths."""
   plt = _plt()
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for stem, fig in figures(results):
+  curves = {m: c for m, c in read_curves(runs_dir).items()
+            if m in results["methods"]} if runs_dir else None
+  for stem, fig in figures(results, curves):
     for ext in ("png", "svg"):
       p = os.path.join(out_dir, f"{stem}.{ext}")
       fig.savefig(p, dpi=110)

@@ -75,10 +75,14 @@ def gkd_loss(teacher_data: Optional[DistillBatch], student_data: Optional[Distil
       continue
     per = token_divergence(batch.student_logits, batch.teacher_logits, batch.mask,
                            divergence=divergence, temperature=temperature, **hparams)
-    terms.append((name, weight, token_mean(per, batch.mask)))
-  loss = sum(w * f for _, w, f in terms)
+    # Agreement: how often the student's most likely token is the teacher's (monitoring only).
+    agree = jnp.argmax(batch.student_logits, -1) == jnp.argmax(batch.teacher_logits, -1)
+    terms.append((name, weight, token_mean(per, batch.mask),
+                  token_mean(agree.astype(jnp.float32), batch.mask)))
+  loss = sum(w * f for _, w, f, _ in terms)
   metrics = {"loss": loss}
-  metrics.update({f"divergence_{name}": f for name, _, f in terms})
+  metrics.update({f"divergence_{name}": f for name, _, f, _ in terms})
+  metrics.update({f"agreement_{name}": a for name, _, _, a in terms})
   return loss, metrics
 
 

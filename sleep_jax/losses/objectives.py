@@ -5,6 +5,7 @@
 with the divergence part in its GKD form, so the loss minimised is
 
   L = alpha [ (1 - lambda) F_D + lambda F_S ] + (1 - alpha) L_PG(r) + beta CE(a* | x)
+      + eta G(y)
 
 ``F_D``: per-token divergence F(T||S) on teacher samples D (drawn once, before training);
 ``F_S``: the same on student samples; ``L_PG``: policy gradient (``rl.pg_loss`` with a registered
@@ -14,7 +15,9 @@ a student completion of a random prefix of a teacher sample. ``alpha = 1`` drops
 logits are computed outside the gradient (``consolidation.completion_logits``). ``CE(a* | x)``
 (weight ``beta = ce_weight``, 0 by default) is the student's cross-entropy on an answer the
 source supports (a document's gold answer): distillation alone is capped by the teacher's own
-in-context errors.
+in-context errors. ``G`` (weight ``eta = gate_weight``, 0 by default) teaches the new slot's
+gate when to open: on for items about the new material, off for anchor items (unrelated
+behaviour), ``gate_loss``.
 
 A replacement objective registered under another name (``@register_loss("mine")``) is picked by
 ``config.consolidation.objective = "mine"``; it receives the same batch and hyper-parameters.
@@ -41,8 +44,10 @@ Metrics = dict
 def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float,
                            divergence: str = "fkl", divergence_kwargs: Optional[dict] = None,
                            temperature: float = 1.0, advantage: str = "reinforce",
-                           ce_weight: float = 0.0) -> Tuple[jax.Array, Metrics]:
-  """L = -J_KS + beta CE = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG + beta CE(a*|x).
+                           ce_weight: float = 0.0, gate_weight: float = 0.0
+                           ) -> Tuple[jax.Array, Metrics]:
+  """L = -J_KS + beta CE + eta G = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG
+  + beta CE(a*|x) + eta G(y).
 
   The GKD part is ``distill.gkd_loss``; the imitation part is ``rl.pg_loss`` on the LTI rewards.
   ``batch`` holds the student-side sequences and the teacher's logits on their completion:
@@ -52,19 +57,25 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
   ``on_rewards`` (B,) when alpha < 1, and the student's ``slot_mask``. Only the student's
   distributions over those N + 1 positions are computed: the prompt's enter no term. With
   ``ce_weight > 0``: ``gold_tokens, gold_valid`` (student prompt + a supported answer) and
-  ``gold_answer_mask`` (the answer window).
+  ``gold_answer_mask`` (the answer window). With ``gate_weight > 0``: ``gate_target`` (B,)
+  and ``gate_slots`` (n_levels, S) for ``gate_loss`` on the first side present.
   """
   del rng
-  data, start = {}, {}
+  data, start, gates = {}, {}, None
   for side in ("off", "on"):
     if f"{side}_tokens" not in batch:
       continue
     tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
     start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
-    logits, _ = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
-                                  slot_mask=batch["slot_mask"], logits_from=start[side])
+    want_gates = gate_weight > 0.0 and gates is None
+    out = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
+                            slot_mask=batch["slot_mask"], logits_from=start[side],
+                            return_gates=want_gates)
+    logits = out[0]
     pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
     data[side] = DistillBatch(logits, t_logits, pmask)
+    if want_gates:
+      gates = (out[2], pmask)
   gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
                           data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
                           temperature=temperature, **(divergence_kwargs or {}))
@@ -82,8 +93,36 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
     ce = answer_cross_entropy(params, batch, cfg)
     loss = loss + ce_weight * ce
     metrics["answer_ce"] = ce
+  if gate_weight > 0.0:
+    g, g_metrics = gate_loss(gates[0], gates[1], batch["gate_target"], batch["gate_slots"])
+    loss = loss + gate_weight * g
+    metrics.update(g_metrics)
   metrics = {f"gkd_{k}" if k == "loss" else k: v for k, v in metrics.items()}
   return loss, metrics
+
+
+def gate_loss(gates, mask, target, slots) -> Tuple[jax.Array, Metrics]:
+  """G(y) = -mean_{l, b, t, s} [ y_b log s_s(x_lbt) + (1 - y_b) log(1 - s_s(x_lbt)) ]
+
+  over every layer l, the positions t of ``mask`` (B, T) (those that predict the answer) and the
+  slots s of ``slots`` (n_levels, S) bool (the new ones): a binary cross-entropy that opens the
+  new slot's gate for items about the new material (``target`` y = 1) and closes it on anchor
+  items (y = 0), so the slot stays off for inputs it was not trained for. ``gates``: level ->
+  (L, B, T, S) sigmoid gates (``transformer.apply(return_gates=True)``).
+  """
+  y = target.astype(jnp.float32)[None, :, None, None]
+  sums = {"bce": 0.0, "w": 0.0, "on_new": 0.0, "new": 0.0, "on_anchor": 0.0, "anchor": 0.0}
+  for j, g in gates.items():
+    w = mask.astype(jnp.float32)[None, :, :, None] * slots[j].astype(jnp.float32)[None, None]
+    w = jnp.broadcast_to(w, g.shape)
+    bce = -(y * jnp.log(g + 1e-6) + (1.0 - y) * jnp.log(1.0 - g + 1e-6))
+    for k, v in (("bce", bce * w), ("w", w), ("on_new", g * w * y), ("new", w * y),
+                 ("on_anchor", g * w * (1.0 - y)), ("anchor", w * (1.0 - y))):
+      sums[k] = sums[k] + jnp.sum(v)
+  frac = lambda a, b: sums[a] / jnp.maximum(sums[b], 1.0)
+  loss = frac("bce", "w")
+  return loss, {"gate_loss": loss, "gate_on_new": frac("on_new", "new"),
+                "gate_on_anchor": frac("on_anchor", "anchor")}
 
 
 def answer_cross_entropy(params, batch, cfg: ModelConfig) -> jax.Array:

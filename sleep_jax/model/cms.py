@@ -87,13 +87,15 @@ def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array])
   # Multiplying by an exact 0.0 (not jnp.where on the output) keeps gradients of masked slots 0.
   gates = (scores * on.astype(scores.dtype)).astype(x.dtype)
   h = jax.nn.silu(jnp.einsum("btd,sdr->btsr", x, p["slot_a"]))
-  return jnp.einsum("btsr,srd,bts->btd", h, p["slot_b"], gates)
+  return jnp.einsum("btsr,srd,bts->btd", h, p["slot_b"], gates), scores
 
 
 def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lora=None,
-                lora_scale=1.0):
-  """One CMS level on normalised input x (B, T, d); returns its residual contribution."""
+                lora_scale=1.0, return_scores=False):
+  """One CMS level on normalised input x (B, T, d); returns its residual contribution (and with
+  ``return_scores`` the slot gates ``s_s(x)`` (B, T, S) in float32, None without slots)."""
   y = jnp.zeros_like(x)
+  scores = None
   rng_dense = rng_slots = None
   if route_rng is not None:
     rng_dense, rng_slots = jax.random.split(route_rng)
@@ -101,5 +103,6 @@ def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lo
     y = y + dense_experts(p, x, top_k=expert_top_k, route_rng=rng_dense, lora=lora,
                           lora_scale=lora_scale)
   if "slot_a" in p:
-    y = y + slot_experts(p, x, slot_mask, top_k=slot_top_k, route_rng=rng_slots)
-  return y
+    ys, scores = slot_experts(p, x, slot_mask, top_k=slot_top_k, route_rng=rng_slots)
+    y = y + ys
+  return (y, scores) if return_scores else y

@@ -16,7 +16,7 @@ left-padded prompts (the sampler's layout) and right-padded training sequences b
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -218,9 +218,10 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
           cache: Optional[Cache] = None, lora: Optional[Params] = None, lora_scale: float = 1.0,
           route_rng: Optional[jax.Array] = None,
           return_hidden: bool = False,
-          logits_from: int = 0) -> Tuple[jax.Array, Optional[Cache]]:
+          logits_from: int = 0, return_gates: bool = False):
   """Logits for ``tokens`` (B, T). Returns ``(logits, new_cache)`` (``new_cache`` is None
-  without a cache).
+  without a cache); with ``return_gates`` ``(logits, new_cache, gates)``, ``gates[j]`` the slot
+  gates ``s_s(x)`` of CMS level j (L, B, T - logits_from, S) for every level with slots.
 
   Args:
     slot_mask: (n_levels, n_slots) bool; which low-rank slots are live. Default: none.
@@ -287,15 +288,20 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
       o = o + lora_scale * ((flat @ lp["o"]["a"]) @ lp["o"]["b"])
     h = constrain(h + o, ("batch", "length", "embed"))
     rngs = (None,) * n_levels if rng is None else tuple(jax.random.split(rng, n_levels))
+    gates = {}
     for j in range(n_levels):
       lvl = jax.tree.map(lambda w: w.astype(dt), p[level_name(j)])
       z = rms_norm(h, lvl["norm"], cfg.norm_eps)
       mlp_lora = lp if j == n_levels - 1 else None
-      h = h + cms.level_apply(lvl, z, slot_mask[j], expert_top_k=cfg.expert_top_k,
-                              slot_top_k=cfg.slot_top_k, route_rng=rngs[j], lora=mlp_lora,
-                              lora_scale=lora_scale)
-      h = constrain(h, ("batch", "length", "embed"))
-    return h, new_kv
+      y = cms.level_apply(lvl, z, slot_mask[j], expert_top_k=cfg.expert_top_k,
+                          slot_top_k=cfg.slot_top_k, route_rng=rngs[j], lora=mlp_lora,
+                          lora_scale=lora_scale, return_scores=return_gates)
+      if return_gates:
+        y, g = y
+        if g is not None:
+          gates[j] = g[:, logits_from:]
+      h = constrain(h + y, ("batch", "length", "embed"))
+    return h, (new_kv, gates) if return_gates else new_kv
 
   if cfg.remat == "full":
     layer = jax.checkpoint(layer)
@@ -310,6 +316,9 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
   if lora is not None:
     xs["lora"] = lora
   h, new_kv = jax.lax.scan(layer, x, xs)
+  gates = None
+  if return_gates:
+    new_kv, gates = new_kv
 
   h = rms_norm(h[:, logits_from:], params["final_norm"], cfg.norm_eps)
   if return_hidden:
@@ -322,7 +331,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
   if cache is not None:
     new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": key_valid, "index": idx + T,
                  "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32)}
-  return out, new_cache
+  return (out, new_cache, gates) if return_gates else (out, new_cache)
 
 
 def logits_to_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -90,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0
+  # eta: weight of the gate term (``objectives.gate_loss``): the new slot's gate learns to open
+  # on the new material's items and to stay closed on the anchor items (0: the gate is free).
+  c.gate_weight = 0.0
   return c
 
 
@@ -151,7 +154,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                    decode: Optional[Callable[[Sequence[int]], str]] = None,
                    on_step: Optional[Callable[[int, dict], None]] = None,
                    dataset: Optional[Sequence[Sequence[int]]] = None,
-                   golds: Optional[Sequence[Sequence[int]]] = None) -> tuple:
+                   golds: Optional[Sequence[Sequence[int]]] = None,
+                   gate_targets: Optional[Sequence[float]] = None) -> tuple:
   """General Knowledge Seeding: distil ``teachers`` into ``student`` with the KS objective.
 
   Step ``i`` uses teacher ``i mod len(teachers)`` (several smaller models seed one larger one).
@@ -159,7 +163,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   given completion per item (e.g. accepted dreams) used as the off-policy data D instead of
   teacher samples; the teachers still give the soft targets on it. ``golds``: one supported
   answer per item (``completion + stop``; empty: none) for the cross-entropy term
-  (``kcfg.ce_weight > 0``).
+  (``kcfg.ce_weight > 0``). ``gate_targets``: per item 1 (new material) or 0 (an anchor) for
+  the gate term (``kcfg.gate_weight > 0``) on the slots the student has and the teacher has not.
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
@@ -182,6 +187,12 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     if golds is None or len(golds) != n_items:
       raise ValueError("consolidation.ce_weight > 0 needs one supported answer per item")
     hparams["ce_weight"] = ce_weight  # only then: an objective without the term still plugs in
+  gate_weight = float(kcfg.get("gate_weight", 0.0))
+  if gate_weight > 0:
+    if gate_targets is None or len(gate_targets) != n_items:
+      raise ValueError("consolidation.gate_weight > 0 needs a gate target per item")
+    hparams["gate_weight"] = gate_weight
+    gate_slots = jnp.asarray(student.slot_mask) & ~jnp.asarray(teachers[0].slot_mask)
   make_loss = lambda: build_loss(kcfg.objective, cfg=student.cfg, **hparams)
   make_loss()
   get_divergence(kcfg.divergence)
@@ -289,6 +300,9 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       batch.update(gold_tokens=jnp.concatenate([st_, jnp.asarray(gt)], 1),
                    gold_valid=jnp.concatenate([sv, jnp.asarray(gl)], 1),
                    gold_answer_mask=jnp.asarray(gl))
+    if gate_weight > 0:
+      batch.update(gate_target=jnp.asarray([gate_targets[k] for k in items], jnp.float32),
+                   gate_slots=gate_slots)
     return batch if mesh is None else fit_lib.place_batch(batch, mesh)
 
   def record(i, st, metrics):
@@ -366,7 +380,7 @@ def consolidate_data(params, slot_mask, cfg: ModelConfig,
   teacher = Teacher(params, cfg, slot_mask, [list(p) for p in teacher_prompts])
   student = Student(params, cfg, slot_mask, trainable, [list(p) for p in student_prompts])
   kcfg = ml_collections.ConfigDict(kcfg.to_dict())
-  kcfg.alpha, kcfg.lam, kcfg.ce_weight = 1.0, 0.0, 0.0
+  kcfg.alpha, kcfg.lam, kcfg.ce_weight, kcfg.gate_weight = 1.0, 0.0, 0.0, 0.0
   kcfg.max_new_tokens = max(max(len(c) for c in completions), 1)
   new_params, history = seed_knowledge([teacher], student, kcfg, rng, dataset=completions,
                                        **kwargs)

@@ -27,7 +27,7 @@ from sleep_jax import tasks
 from sleep_jax import workdir as workdir_lib
 from sleep_jax.errors import NonFiniteError, Preempted
 from sleep_jax.eval import answers, continual
-from sleep_jax.eval.metrics_writer import MetricsWriter, progress
+from sleep_jax.eval.metrics_writer import MetricsWriter, RunLog, progress
 from sleep_jax.model import transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
@@ -86,13 +86,28 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
   ckpt_dir = os.path.join(out_dir, "ckpt")
   # SIGTERM (preemption) asks the loop to stop at the next phase boundary, after its save.
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2, async_save=False)
+  curves = RunLog(out_dir)
   try:
-    return _run_method(ctx, ckpt=ckpt, done=done, log=log)
+    return _run_method(dataclasses.replace(ctx, log_step=curves.step), ckpt=ckpt, done=done,
+                       log=log, curves=curves)
   finally:
+    curves.close()
     ckpt.close()
 
 
-def _run_method(ctx: phases.Context, *, ckpt, done: str, log) -> Dict[str, Any]:
+def chunk_scalars(st: SleepState, t: int) -> Dict[str, float]:
+  """Chunk t's scalar metrics for the training curves: its phases' info, the closed-book score
+  just slept (R[t, t]) and on every chunk seen so far."""
+  out = {k: float(v) for k, v in st.info[t].items()
+         if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  row = np.asarray(st.R[t], float) if len(st.R) > t else np.zeros(0)
+  if row.size > t:
+    out["closed_book_just_slept"] = float(row[t])
+    out["closed_book_seen"] = continual.nanmean(row[:t + 1])
+  return out
+
+
+def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) -> Dict[str, Any]:
   s, c = ctx.setup, ctx.config
   st = SleepState(s.params, transformer.slot_mask_none(s.cfg))
   if dream_phase.uses_generator(ctx.method):
@@ -104,11 +119,15 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log) -> Dict[str, Any]:
     restored = ckpt.restore(abstract)
     st = st.restored(restored.state, restored.position)
     log(f"[{ctx.name}/seed {ctx.seed}] resumed at chunk {st.chunk} phase {PHASES[st.phase]}")
+    curves.global_step = st.global_step
   else:
     st.retention_before = answers.retention(s, st.params, st.slot_mask, c.eval)
 
   def save(where: str):
     st.counter += 1
+    # The phase's curve points reach the files right before the checkpoint that ends it.
+    st.global_step = curves.global_step
+    curves.commit()
     try:
       ckpt.save(st.counter, st.arrays(), position=st.position())
     except Exception as e:  # noqa: BLE001 - only a full disk becomes a user error
@@ -155,6 +174,8 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log) -> Dict[str, Any]:
     # checkpoint save after it.
     jax.block_until_ready((st.params, st.slot_mask))
     st.info[t][f"seconds_{ph}"] = time.perf_counter() - t0
+    if ph == PHASES[-1]:
+      curves.chunk(t, chunk_scalars(st, t))
     st.phase += 1
     if st.phase == len(PHASES):
       st.chunk, st.phase = t + 1, 0
@@ -172,6 +193,8 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log) -> Dict[str, Any]:
     metrics[f"{k}_change"] = after[k] - v
   metrics["wake_in_context"] = continual.nanmean([i.get("wake_in_context", np.nan)
                                                   for i in st.info])
+  curves.chunk(T, metrics, prefix="final")
+  curves.commit()
   result = {"metrics": metrics, "R": R.tolist(), "info": st.info, "answers": st.answers,
             "generator_info": st.generator_info,
             "live_slots": np.asarray(st.slot_mask).astype(int).tolist(),
@@ -217,7 +240,8 @@ def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=pr
     validate.bound_inputs(config, setup, log=log)
   with mesh_lib.use_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext():
     setup = place(setup, mesh)
-    writer = MetricsWriter(workdir)
+    # The final metrics of every run, one line each (curves: ``runs/<method>/seed_<s>/``).
+    writer = MetricsWriter(workdir, tensorboard=False)
     results: Dict[str, Any] = {"methods": {}, "config": json.loads(config.to_json_best_effort()),
                                "base": setup.base_metrics.get("final", {}),
                                "stream": [[d.id for d in ch] for ch in setup.chunks],

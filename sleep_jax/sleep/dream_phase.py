@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,12 +63,18 @@ def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Genera
   return prompts, tau, cand
 
 
-def _dream(st: SleepState, ctx: Context, docs, rng_np, key):
+def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = None):
+  """Dreaming on ``docs``; for chunk ``t`` (not the generator's training) under a progress bar
+  with one point per round on the training curves."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
   prompts, tau, cand = dream_inputs(st, ctx, docs, dcfg, rng_np)
-  return dreaming.dream(st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg,
-                        generator=st.generator, stop_tokens=ctx.setup.fmt.stop_ids,
-                        pad_id=ctx.setup.tok.pad_id, candidates=cand)
+  run = lambda on_round: dreaming.dream(
+      st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg, generator=st.generator,
+      stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id, candidates=cand,
+      on_round=on_round)
+  if t is None:
+    return run(None)
+  return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False)
 
 
 def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
@@ -78,7 +84,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   if m.learn != "sleep" or m.dreaming is None:
     return st, {}
   res = _dream(st, ctx, ctx.setup.chunks[t], np.random.default_rng([ctx.seed, t, 17]),
-               ctx.key(t, "dreaming"))
+               ctx.key(t, "dreaming"), t)
   if not c.reset_between_chunks:
     st.generator = res.generator  # per-task reset: every task starts from the trained one
   ctx.hook("dreaming", t, 0)

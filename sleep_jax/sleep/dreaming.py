@@ -197,10 +197,10 @@ class Dreamer:
     }
     return kept, np.asarray(idx), rewards, metrics
 
-  def run(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None
-          ) -> DreamResult:
+  def run(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None,
+          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DreamResult:
     """``config.rounds`` rounds; accepted = every kept dream with reward 1, over all rounds
-    (``prompt_index`` -1 for an accepted candidate)."""
+    (``prompt_index`` -1 for an accepted candidate). ``on_round(i, scalars)`` after each."""
     _, _, prompt_idx = prompt_batch(context_prompts, self.config.m, self.pad_id)
     if candidates is not None:
       prompt_idx = np.concatenate([prompt_idx, np.full(candidates.tokens.shape[0], -1)])
@@ -218,6 +218,8 @@ class Dreamer:
       acc["round"].append(np.full(int(ok.sum()), rnd, np.int32))
       m["round"], m["seconds"] = rnd, time.perf_counter() - t0
       metrics.append(m)
+      if on_round is not None:
+        on_round(rnd, {k: v for k, v in m.items() if isinstance(v, (int, float))})
     return DreamResult(**{k: np.concatenate(v) for k, v in acc.items()}, metrics=metrics,
                        generator=self.generator)
 
@@ -232,12 +234,14 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           config: Optional[ml_collections.ConfigDict] = None, *,
           generator: Optional[Generator] = None, task_score_fn: Callable = task_log_likelihood,
           stop_tokens: Sequence[int] = (), pad_id: int = 0,
-          candidates: Optional[Dreams] = None) -> DreamResult:
+          candidates: Optional[Dreams] = None,
+          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
   Pass the returned ``generator`` back in to keep the ReST-EM generator across sleeps.
-  ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``).
+  ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``);
+  ``on_round``: called after each round with its scalar metrics (progress, training curves).
   """
   config = default_config() if config is None else config
   if not config.enabled:
@@ -245,4 +249,4 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   r_gen, r_run = jax.random.split(rng)
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
               task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id)
-  return d.run(context_prompts, task_batch, r_run, candidates)
+  return d.run(context_prompts, task_batch, r_run, candidates, on_round)

@@ -35,6 +35,10 @@ def no_hook(phase: str, chunk: int, step: int) -> None:
   del phase, chunk, step
 
 
+def no_log(phase: str, chunk: int, metrics: Dict[str, float]) -> None:
+  del phase, chunk, metrics
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   config: ml_collections.ConfigDict
@@ -45,6 +49,8 @@ class Context:
   schedule: Tuple[int, ...]  # (C_0, C_1, ...) of this method (``methods.sleep_schedule``)
   hook: Callable[[str, int, int], None] = no_hook  # (phase, chunk, step): tests' kill points
   progress: Callable[..., Any] = None  # tqdm-like bar factory (``metrics_writer.progress``)
+  # (phase, chunk, one optimizer step's metrics): the run's training curves (``RunLog``)
+  log_step: Callable[[str, int, Dict[str, float]], None] = no_log
 
   def key(self, *parts) -> jax.Array:
     """Every random number of a run derives from (seed, method, chunk, phase): resumable."""
@@ -80,7 +86,8 @@ def evaluate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]
 # ----------------------------------------------------------------------------------------------
 # Consolidation (memory level 0 -> CMS level 0) and deep sleep (level l-1 -> l).
 # ----------------------------------------------------------------------------------------------
-def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase, golds=None):
+def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase, golds=None,
+                 gate_targets=None):
   judge = None
   if kcfg.gamma > 0 and kcfg.alpha < 1:
     from sleep_jax.losses.rewards import ModelJudge
@@ -90,18 +97,23 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase,
   return with_progress(ctx, t, phase, int(kcfg.steps), lambda on_step: consolidation.consolidate(
       st.params, st.slot_mask, ctx.setup.cfg, teacher, student, kcfg, ctx.key(t, phase),
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
-      decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds))
+      decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds,
+      gate_targets=gate_targets))
 
 
-def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable):
+def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
+                  hook: bool = True):
   """``run(on_step)`` under a progress bar named for the method, seed, chunk and phase; every
-  step also reaches the run's hook (tests' kill points)."""
+  ``on_step(i, metrics)`` goes to the run's training curves and (with ``hook``) to the run's
+  hook (tests' kill points)."""
   bar = ctx.progress(total=steps, desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}",
                      leave=False)
 
   def on_step(i, m):
     bar.update(1)
-    ctx.hook(phase, t, i)
+    ctx.log_step(phase, t, m)
+    if hook:
+      ctx.hook(phase, t, i)
 
   try:
     return run(on_step)
@@ -122,10 +134,11 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
   docs = ctx.setup.chunks[t] + replayed_documents(ctx, t, float(kcfg.replay_fraction))
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
+  student = task_lib.student_prompts(ctx.setup, docs)
   res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
-                     task_lib.student_prompts(ctx.setup, docs) + anchors, kcfg, t,
-                     "consolidation",
-                     golds=task_lib.gold_answers(ctx.setup, docs) + [[]] * len(anchors))
+                     student + anchors, kcfg, t, "consolidation",
+                     golds=task_lib.gold_answers(ctx.setup, docs) + [[]] * len(anchors),
+                     gate_targets=[1.0] * len(student) + [0.0] * len(anchors))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
   bad = [i for i, h in enumerate(res.history) if not math.isfinite(h.get("loss", 0.0))]
@@ -171,6 +184,7 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   kcfg.source_level, kcfg.target_level = level - 1, level
   kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
   kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
+  kcfg.gate_weight = 0.0  # nor anchors: every item is what the fast level held
   res = _consolidate(st, ctx, prompts, prompts, kcfg, t, phase)
   st.params, st.slot_mask = res.params, res.slot_mask
   return st
@@ -203,10 +217,10 @@ def sft(st: SleepState, ctx: Context, t: int):
                                  stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id)
     extra = dreams_as_rows(dreaming.as_dreams(out), s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
     batch = {k: np.concatenate([batch[k], extra[k]]) for k in batch}
-  return fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, batch,
-                          state_lib.all_trainable(st.params), steps=int(c.sft.steps),
-                          opt_cfg=c.sft.optimizer, batch_size=int(c.sft.batch_size),
-                          rng=ctx.key(t, "sft"), loss=c.sft.loss)
+  return with_progress(ctx, t, "sft", int(c.sft.steps), lambda on_step: fit_lib.fit_rows(
+      st.params, st.slot_mask, s.cfg, batch, state_lib.all_trainable(st.params),
+      steps=int(c.sft.steps), opt_cfg=c.sft.optimizer, batch_size=int(c.sft.batch_size),
+      rng=ctx.key(t, "sft"), loss=c.sft.loss, on_step=on_step), hook=False)
 
 
 def dreams_as_rows(dreams: dreaming.Dreams, prefix, seq_len: int, pad_id: int):

@@ -25,6 +25,7 @@ class SleepState:
   phase: int = 0  # index into cycle.PHASES
   slot: Any = -1  # the slot(s) this chunk's consolidation unlocked (-1: none)
   counter: int = 0  # checkpoints written (the checkpoint step)
+  global_step: int = 0  # optimizer steps of every phase so far (the training curves' x axis)
   memory: EpisodicMemory = dataclasses.field(default_factory=EpisodicMemory)
   R: List[List[float]] = dataclasses.field(default_factory=list)  # accuracy matrix rows
   info: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # per-chunk metrics
@@ -55,6 +56,7 @@ class SleepState:
 
   def position(self) -> Dict[str, Any]:
     return {"chunk": self.chunk, "phase": self.phase, "slot": self.slot, "counter": self.counter,
+            "global_step": self.global_step,
             "memory": self.memory.to_json(), "R": self.R, "info": self.info,
             "answers": self.answers, "generator_step": self.generator_step,
             "generator_info": self.generator_info, "retention_before": self.retention_before}

@@ -62,7 +62,7 @@ def write_report(results, workdir) -> str:
     f.write(text + "\n")
   report.plot_accuracy_by_distance(results, os.path.join(workdir, "plots",
                                                          "accuracy_by_distance.png"))
-  plots.plot_results(results, os.path.join(workdir, "plots"))
+  plots.plot_results(results, os.path.join(workdir, "plots"), os.path.join(workdir, "runs"))
   return text
 
 

@@ -109,12 +109,14 @@ def write_report(results, workdir, *, documents_file: str = "") -> str:
         verdict.legend(results, TABLE), "", verdict.dream_table(results), "",
         verdict.time_table(results), "",
         "Plots (PNG and SVG): `plots/accuracy_matrices`, `plots/accuracy_over_chunks`, "
-        "`plots/tradeoff_<probe>` (acquisition against each retention probe)."]
+        "`plots/tradeoff_<probe>` (acquisition against each retention probe), "
+        "`plots/learning_curves` (each sleep's loss and teacher/student agreement); per-step "
+        "curves in TensorBoard: `tensorboard --logdir WORKDIR/runs`."]
   md = [x for i, x in enumerate(md) if x or (i and md[i - 1])]  # no empty sections
   text = "\n".join(md)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text + "\n")
-  plots.plot_results(results, os.path.join(workdir, "plots"))
+  plots.plot_results(results, os.path.join(workdir, "plots"), os.path.join(workdir, "runs"))
   return text
 
 

@@ -87,10 +87,12 @@ def train_step_for(loss_key, make_loss_fn, opt_cfg, trainable, shardings):
 
 
 def fit_rows(params, slot_mask, cfg, rows: Batch, trainable, *, steps: int, opt_cfg,
-             batch_size: int, rng: jax.Array, loss: str = "lm") -> Any:
+             batch_size: int, rng: jax.Array, loss: str = "lm",
+             on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Any:
   """``steps`` optimizer steps of the registered ``loss`` (default: the masked LM loss, eq. in
   ``losses/lm.py``) on rows of ``rows`` (tokens, valid, loss_mask) drawn with replacement; only
-  ``trainable`` changes. Returns the new parameters (the inputs are untouched)."""
+  ``trainable`` changes; ``on_step(i, metrics)`` after each step (host floats). Returns the new
+  parameters (the inputs are untouched)."""
   n = rows["tokens"].shape[0]
   if n == 0 or steps == 0:
     return params
@@ -105,5 +107,10 @@ def fit_rows(params, slot_mask, cfg, rows: Batch, trainable, *, steps: int, opt_
     idx = host.integers(0, n, size=batch_size)
     return place_batch({k: v[idx] for k, v in rows.items()}, mesh)
 
-  st, _ = fit(st0, step, next_batch, steps)
+  def after(i, state, m):
+    if on_step is not None:
+      on_step(i, {k: float(v) for k, v in m.items() if np.ndim(v) == 0})
+    return False
+
+  st, _ = fit(st0, step, next_batch, steps, on_step=after)
   return st.params
