@@ -90,9 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0
-  # eta: weight of the gate term (``objectives.gate_loss``): the new slot's gate learns to open
-  # on the new material's items and to stay closed on the anchor items (0: the gate is free).
-  c.gate_weight = 0.0
+  c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
   return c
 
 
@@ -163,8 +161,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   given completion per item (e.g. accepted dreams) used as the off-policy data D instead of
   teacher samples; the teachers still give the soft targets on it. ``golds``: one supported
   answer per item (``completion + stop``; empty: none) for the cross-entropy term
-  (``kcfg.ce_weight > 0``). ``gate_targets``: per item 1 (new material) or 0 (an anchor) for
-  the gate term (``kcfg.gate_weight > 0``) on the slots the student has and the teacher has not.
+  (``kcfg.ce_weight > 0``). ``gate_targets``: per item 1 (new) or 0 (anchor), gate term.
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
