@@ -9,6 +9,7 @@ from sleep_jax.model import growth, transformer as T
 from sleep_jax.losses.objectives import knowledge_seeding_loss
 from sleep_jax.sleep import consolidation as C
 from sleep_jax.sleep import methods
+from sleep_jax.eval import divergence_probe
 
 import tiny_kv as kv
 
@@ -63,10 +64,10 @@ def test_consolidation_moves_context_knowledge_into_weights(base, consolidated):
   facts, mask, res = consolidated
   teacher = C.Teacher(base, kv.CFG, mask, [kv.with_context(k, v, kv.HELD_OUT_Q) for k, v in facts])
   held_out = [kv.closed_book(k, kv.HELD_OUT_Q) for k, _ in facts]
-  div_before = C.teacher_student_divergence(teacher, base, kv.CFG, mask, held_out,
-                                            max_new_tokens=2, stop_tokens=(kv.EOS,))
-  div_after = C.teacher_student_divergence(teacher, res.params, kv.CFG, res.slot_mask, held_out,
-                                           max_new_tokens=2, stop_tokens=(kv.EOS,))
+  div = divergence_probe.teacher_student_divergence
+  div_before = div(teacher, base, kv.CFG, mask, held_out, max_new_tokens=2, stop_tokens=(kv.EOS,))
+  div_after = div(teacher, res.params, kv.CFG, res.slot_mask, held_out, max_new_tokens=2,
+                  stop_tokens=(kv.EOS,))
   acc_before = kv.closed_book_accuracy(base, mask, facts)
   acc_after = kv.closed_book_accuracy(res.params, res.slot_mask, facts)
   assert kv.in_context_accuracy(base, mask, facts) == 1.0  # the teacher knows the facts
