@@ -247,3 +247,33 @@ def test_anchor_prompts_and_question_rows():
   assert len(rows) == len(qs)
   for r, s, q in zip(rows, starts, qs):
     assert r[:s] == fmt.closed_book(q.q) and r[s:] == fmt.answer(q.answer)
+
+
+def test_value_anchors_ask_for_the_chunk_values_about_known_people():
+  """Value anchors: closed-book questions about known, unscored people whose answer is one the
+  new chunk teaches, round-robin over those values, deterministic in the rng."""
+  import types
+  from sleep_jax.data import documents
+  from sleep_jax.tasks import base as task_base, pretrain, world as world_task
+  w = world_lib.World(pretrain.runlocal().world)
+  fmt = documents.WorldFormat(w.tokenizer)
+  by_value = world_task._anchors_by_value(w, fmt, 5)
+  setup = types.SimpleNamespace(anchors_by_value=by_value)
+  docs = documents.world_documents(w, w.chunk(0)[:3])
+  values = {q.answer for d in docs for q in d.train_questions} & set(by_value)
+  assert values
+  k = 2 * len(values)
+  got = task_base.value_anchors(setup, docs, k, np.random.default_rng(0))
+  assert len(got) == k
+  assert got == task_base.value_anchors(setup, docs, k, np.random.default_rng(0))
+  assert got != task_base.value_anchors(setup, docs, k, np.random.default_rng(1))
+  answer_of = {tuple(p): v for v, ps in by_value.items() for p in ps}
+  # Every value of the chunk is asked for, each twice (round-robin), about unscored people.
+  asked = [answer_of[tuple(a)] for a in got]
+  assert sorted(set(asked)) == sorted(values) and all(asked.count(v) == 2 for v in values)
+  text = [w.tokenizer.decode(a) for a in got]
+  scored = w.population("qa")[:5] + w.population("heldout") + [
+      p for c in range(w.cfg.n_chunks) for p in w.chunk(c)]
+  assert not any(f"{p.first} {p.last}" in t for p in scored for t in text)
+  assert all(t.startswith("Q: ") for t in text)
+  assert task_base.value_anchors(setup, docs, 0, np.random.default_rng(0)) == []

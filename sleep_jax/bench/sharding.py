@@ -48,7 +48,7 @@ def _memory(ma) -> Dict[str, int]:
 def sharding_memory(n_devices: int, quick: bool, batch: int, seq: int) -> Dict[str, Any]:
   """Lowers and compiles (never runs) the ~1B train step on an FSDP mesh of ``n_devices``."""
   import ml_collections
-  from sleep_jax.train import lm_job as train_lib
+  from sleep_jax.losses import lm as lm_losses
   from sleep_jax.model import transformer
   from sleep_jax.parallel import mesh as mesh_lib
   from sleep_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
@@ -68,7 +68,7 @@ def sharding_memory(n_devices: int, quick: bool, batch: int, seq: int) -> Dict[s
     bsh = mesh_lib.batch_sharding(mesh)
     data = {k: jax.ShapeDtypeStruct((batch, seq), dt, sharding=bsh)
             for k, dt in (("tokens", jnp.int32), ("valid", bool), ("loss_mask", bool))}
-    step = step_lib.make_train_step(train_lib.make_lm_loss(cfg), tx, state_shardings=shardings,
+    step = step_lib.make_train_step(lm_losses.make_lm_loss(cfg), tx, state_shardings=shardings,
                                      batch_shardings=bsh)
     lowered = step.jitted.lower(abstract, data, None)
     compiled = lowered.compile()

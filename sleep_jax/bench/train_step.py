@@ -21,7 +21,7 @@ from sleep_jax.bench.matmul import Context
 # ----------------------------------------------------------------------------------------------
 def _train_setup(cfg, batch: int, seq: int, seed: int = 0):
   import ml_collections
-  from sleep_jax.train import lm_job as train_lib
+  from sleep_jax.losses import lm as lm_losses
   from sleep_jax.model import transformer
   from sleep_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
   opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.95,
@@ -35,8 +35,8 @@ def _train_setup(cfg, batch: int, seq: int, seed: int = 0):
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
   data = {"tokens": tokens, "valid": jnp.ones((batch, seq), bool),
           "loss_mask": jnp.ones((batch, seq), bool)}
-  step = step_lib.make_train_step(train_lib.make_lm_loss(cfg), tx)
-  return state, data, step, train_lib.make_lm_loss(cfg)
+  step = step_lib.make_train_step(lm_losses.make_lm_loss(cfg), tx)
+  return state, data, step, lm_losses.make_lm_loss(cfg)
 
 
 def _time_train(cfg, batch: int, seq: int, steps: int, keep: Optional[dict] = None
@@ -78,8 +78,8 @@ def _train_profile(cfg, batch: int, seq: int, keep: dict, repeats: int = 1) -> D
   out["op_profile_step"] = op_profile(keep["run"], hlo)
 
   params = holder["state"].params
-  from sleep_jax.train import lm_job as train_lib
-  loss_fn = train_lib.make_lm_loss(cfg)
+  from sleep_jax.losses import lm as lm_losses
+  loss_fn = lm_losses.make_lm_loss(cfg)
   inputs = {**data, **holder["state"].extras}
   fwd = jax.jit(lambda p: loss_fn(p, inputs, None)[0])
   grad = jax.jit(jax.grad(lambda p: loss_fn(p, inputs, None)[0]))
@@ -106,6 +106,7 @@ def _train_profile(cfg, batch: int, seq: int, keep: dict, repeats: int = 1) -> D
 
 
 def part_train_step(ctx: Context) -> Dict[str, Any]:
+  from sleep_jax.bench.sharding import one_b_config  # sharding imports this module
   from sleep_jax.model import config as mcfg
   dtype = "bfloat16" if _is_accelerator() else "float32"
   ctx.peak_gflops("float32")
@@ -124,8 +125,11 @@ def part_train_step(ctx: Context) -> Dict[str, Any]:
     shapes = {"tiny": (mcfg.tiny(dtype=dtype), [("none", 16, 64)])}
   elif _is_accelerator():
     shapes = {"smollm2_135m": (mcfg.smollm2_135m(dtype=dtype),
-                               [("none", 16, 512), ("dots", 32, 512), ("full", 64, 512)]),
-              "tiny": (mcfg.tiny(dtype=dtype), [("none", 256, 256), ("none", 1024, 256)])}
+                               [("none", 16, 512), ("none", 32, 512), ("dots", 64, 512)]),
+              "tiny": (mcfg.tiny(dtype=dtype), [("none", 256, 256)]),
+              # The ~1B Llama-style shape of the sharding part: the GPU MFU target's shape.
+              "one_b": (dataclasses.replace(one_b_config(), dtype=dtype),
+                        [("dots", 16, 1024), ("none", 16, 1024)])}
   else:
     shapes = {"smollm2_135m": (mcfg.smollm2_135m(dtype=dtype),
                                [("none", 8, 256), ("dots", 8, 256), ("full", 8, 256)]),

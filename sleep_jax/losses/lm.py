@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional
 
 import jax
@@ -53,3 +54,8 @@ def lm_loss(params, batch: Mapping[str, jax.Array], rng: Optional[jax.Array], *,
   correct = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
   return loss, {"loss": loss, "ce": loss, "accuracy": jnp.sum(correct * m) / n,
                 "target_tokens": jnp.sum(m)}
+
+
+def make_lm_loss(cfg: ModelConfig):
+  """``loss_fn(params, batch, rng) -> (loss, metrics)`` of ``lm_loss`` for ``make_train_step``."""
+  return functools.partial(lm_loss, cfg=cfg)

@@ -88,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0
+  c.value_anchors = 0  # more anchors: known people whose answer is a value of the new chunk
   c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
   return c
 

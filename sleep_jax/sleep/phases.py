@@ -133,7 +133,8 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
   docs = ctx.setup.chunks[t] + replayed_documents(ctx, t, float(kcfg.replay_fraction))
-  anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
+  anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + task_lib.value_anchors(
+      ctx.setup, docs, int(kcfg.get("value_anchors", 0)), np.random.default_rng([ctx.seed, t]))
   student = task_lib.student_prompts(ctx.setup, docs)
   res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
                      student + anchors, kcfg, t, "consolidation",

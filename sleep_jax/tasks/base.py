@@ -44,6 +44,9 @@ class Setup:
   # ``consolidation.anchor_prompts = k`` the first k are distilled from the model as it woke up
   # into the student, same prompt on both sides: a KL-to-base term on unrelated inputs.
   anchor_prompts: List[List[int]] = dataclasses.field(default_factory=list)
+  # Closed-book questions about people the base knows (never a probe), keyed by their answer:
+  # ``consolidation.value_anchors`` picks those whose answer is a value of the new chunk.
+  anchors_by_value: Dict[str, List[List[int]]] = dataclasses.field(default_factory=dict)
   # Generic prompts with the base's continuations (``eval.kl_probe.KLProbe``): the retention
   # probes then also report ``kl_to_base``, KL(base || model) there (0 for the base).
   kl_probe: Optional[Any] = None
@@ -99,6 +102,23 @@ def gold_answers(setup: Setup, docs: Sequence[documents.Document]) -> List[List[
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
   return [setup.fmt.dream_prompt(d.passage, tpl) for d in docs for tpl in templates.values()]
+
+
+def value_anchors(setup: Setup, docs: Sequence[documents.Document], k: int,
+                  rng: np.random.Generator) -> List[List[int]]:
+  """k anchor prompts whose answers are values the new documents teach, round-robin over
+  those values: known people with the same answer keep it. A sleep tends to shift the answer
+  prior of *every* person towards what it just learnt (a recency bias, not noise), and anchors
+  about random people rarely ask for those values."""
+  values = sorted({q.answer for d in docs for q in d.train_questions} & set(setup.anchors_by_value))
+  pools = [[setup.anchors_by_value[v][i] for i in rng.permutation(len(setup.anchors_by_value[v]))]
+           for v in values]
+  out = []
+  while len(out) < k and any(pools):
+    for pool in pools:
+      if pool and len(out) < k:
+        out.append(pool.pop())
+  return out
 
 
 def pad_rows(rows: Sequence[Sequence[int]], loss_from: Sequence[int], seq_len: int, pad_id: int):

@@ -28,20 +28,23 @@ def setup(config, model: models.Model) -> Setup:
   chunks = [documents.world_documents(world, world.chunk(k)[:c.data.chunk_size or None],
                                       int(c.data.passages_per_person))
             for k in range(c.world_chunks)]
-  extra, anchors = {}, []
+  extra, anchors, by_value = {}, [], {}
   if c.model_source == "world":
     n = int(c.eval.retention_people)
     extra = {"retention_qa": (documents.world_documents(world, world.population("qa")[:n]), False),
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
     anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts))
+    if int(c.consolidation.get("value_anchors", 0)):
+      by_value = _anchors_by_value(world, model.fmt, n)
     # Generic prompts of the world: the opening words of biographies the base was trained on.
     texts = [" ".join(world.passage(p).split()[:6])
              for p in world.population("pretrain")[:int(c.eval.kl_prompts)]]
   else:
     extra, texts = _real_model_probes(c), kl_probe.read_prompts()[:int(c.eval.kl_prompts)]
   return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
-               anchor_prompts=anchors, kl_probe=_kl_probe(c, model, texts))
+               anchor_prompts=anchors, anchors_by_value=by_value,
+               kl_probe=_kl_probe(c, model, texts))
 
 
 def _real_model_probes(config):
@@ -77,6 +80,16 @@ def _anchor_prompts(world, fmt, skip: int, k: int):
     qa_q, rd_q = (d.train_questions[rng.integers(len(d.train_questions))] for d in (a, b))
     out += [fmt.closed_book(qa_q.q), fmt.with_context(b.passage, rd_q.q)]
   return out[:k]
+
+
+def _anchors_by_value(world, fmt, skip: int):
+  """Every training wording about every QA-population person after the retention probe's
+  first ``skip``, closed-book, keyed by its answer."""
+  out = {}
+  for d in documents.world_documents(world, world.population("qa")[skip:]):
+    for q in d.train_questions:
+      out.setdefault(q.answer, []).append(fmt.closed_book(q.q))
+  return out
 
 
 def jsonl_setup(config, model: models.Model) -> Setup:

@@ -16,7 +16,6 @@ Resume order (what makes a resumed run bit-identical to an uninterrupted one):
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any, Callable, Dict, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 from sleep_jax.data import builders, pipeline
 from sleep_jax.data.tokenizer import ByteTokenizer
 from sleep_jax.eval.metrics_writer import MetricsWriter, progress
-from sleep_jax.losses.lm import lm_loss
+from sleep_jax.losses.lm import make_lm_loss
 from sleep_jax.model import sampler, transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.parallel import checkpoint as ckpt_lib
@@ -42,11 +41,6 @@ BATCH_KEYS = ("tokens", "valid", "loss_mask")
 # ----------------------------------------------------------------------------------------------
 # Loss.
 # ----------------------------------------------------------------------------------------------
-def make_lm_loss(cfg: ModelConfig):
-  """``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``make_train_step``."""
-  return functools.partial(lm_loss, cfg=cfg)
-
-
 # ----------------------------------------------------------------------------------------------
 # Pieces of the job (also used by tests and later jobs).
 # ----------------------------------------------------------------------------------------------
