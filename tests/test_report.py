@@ -10,7 +10,9 @@ from sleep_jax.tasks import world
 
 
 def _run(acq, reading, seconds=1.0, dreams=None):
-  info = [{"seconds_consolidation": seconds, **({"dreams_accepted": dreams,
+  info = [{"seconds_consolidation": seconds, "cpu_seconds_consolidation": 3 * seconds, **({"dreams_written": 4 * dreams,
+                                                 "dreams_tried": 2 * dreams,
+                                                 "dreams_accepted": dreams,
                                                  "dream_acceptance": 0.5} if dreams else {})}]
   return {"metrics": {"acquisition": acq, "closed_book_final": acq, "in_context_heldout": reading,
                       "BWT": 0.0}, "R": [[acq]], "info": info}
@@ -36,13 +38,17 @@ def test_one_seed_report_has_the_verdict_the_legend_and_no_spread(tmp_path):
   assert "known facts" not in md.split("Columns:")[1]  # no run has it: not defined either
   table = md.split("| method | closed-book (final)")[1].split("\n\n")[0]
   assert "±" not in table and "| sleep | 45.0 |" in table
-  assert "| sleep | 3.0 | 50% |" in md  # dreams accepted per chunk, acceptance rate
+  # Dreams per chunk: written, tried, accepted; acceptance rate of the tried ones.
+  assert "| sleep | 12.0 | 6.0 | 3.0 | 50% |" in md
+  assert "one seed per method: no spread." in md and "standard deviation" not in md
+  assert "| sft | 0 | 1 (3) | 0 | 0 | 0 | 1 (3) |" in md  # wall (CPU) seconds per phase
   assert (tmp_path / "results.md").read_text().startswith("# Knowledge incorporation")
 
 
 def test_three_seeds_show_mean_and_spread(tmp_path):
   md = world.write_report(_results(3), str(tmp_path))
   assert "| sleep | 46.0 ± 1.0 |" in md
+  assert "mean ± sample standard deviation over seeds where there are 2 or more" in md
   assert np.isclose(verdict.stored_share(_results(3), "sleep"), 0.5)
 
 
@@ -59,7 +65,8 @@ def test_every_plot_is_written_with_labelled_axes_and_colour_bars(tmp_path):
   bars = [a for a in figs["accuracy_matrices"].axes if a.get_label() == "<colorbar>"]
   assert len(bars) == 4 and all(b.get_ylabel() == "closed-book accuracy (%)" for b in bars)
   over = figs["accuracy_over_chunks"].axes[0]
-  assert any(t.get_text() == "in-context ceiling" for t in over.texts)
+  labels = over.get_legend_handles_labels()[1]
+  assert "in-context ceiling" in labels and "base (closed-book)" in labels
   trade = figs["tradeoff_in_context_heldout"].axes[0]
   assert "in-context ceiling" in [t.get_text() for t in trade.get_legend().get_texts()]
   assert len(trade.collections) == 4  # one scatter per method (2 seeds each)

@@ -54,6 +54,9 @@ def targets(parts: Dict[str, Any]) -> List[Dict[str, Any]]:
   g = _get(parts, "train_step", "one_b", "best", "mfu_vs_published_peak")
   if g is not None:  # accelerators only
     add("train_step 1B MFU vs the chip's published bf16 peak (GPU)", ">= 0.40", g, g >= 0.4)
+  ms = _get(parts, "train_step", "masked_slots", "ratio")
+  add("train step with every slot masked / built without slots", "<= 1.03", ms,
+      ms is not None and ms <= 1.03)
   rows = {r["batch"]: r for r in (_get(parts, "sampler", "batches") or [])}
   sp = _get(rows, 16, "speedup_vs_transformers_decode")
   add("sampler decode speed-up vs transformers at batch 16", ">= 3.0", sp,
@@ -104,6 +107,11 @@ def summary_markdown(res: Dict[str, Any]) -> str:
                        else " of the measured matmul peak")
                    + (f", {b['mfu_vs_published_peak']:.1%} of the published peak"
                       if "mfu_vs_published_peak" in b else "") + " |")
+  ms = ts.get("masked_slots") or {}
+  if "ratio" in ms:
+    lines.append(f"| train_step masked slots {ms['batch']}x{ms['seq']} | step s: no slots / all "
+                 f"masked, ratio | {ms['no_slots_step_s']:.3f} / {ms['all_masked_step_s']:.3f}, "
+                 f"x{ms['ratio']:.3f} |")
   prof = _get(ts, "smollm2_135m", "profile")
   if prof and "forward_s" in prof:
     lines.append(f"| train_step smollm2_135m | forward / forward+backward / LM head+CE fwd+bwd "

@@ -172,7 +172,22 @@ def part_train_step(ctx: Context) -> Dict[str, Any]:
         entry["profile"] = {"error": repr(e)[:500]}
     keep_best = None
     out[name] = entry
+  shape = mcfg.tiny if ctx.quick else mcfg.smollm2_135m
+  out["masked_slots"] = _masked_vs_no_slots(shape(dtype=dtype, remat="none"),
+                                            *((4, 32) if ctx.quick else (4, 128)))
   return out
+
+
+def _masked_vs_no_slots(cfg, batch: int, seq: int) -> Dict[str, Any]:
+  """Step time of a model whose slots are all masked against the same model built without
+  slots (what masked capacity costs a job that does not use it), in one run."""
+  runs = {name: _time_train(c, batch, seq, steps=3) for name, c in (
+      ("no_slots", dataclasses.replace(cfg, n_slots=0)), ("all_masked", cfg))}
+  ratio = runs["all_masked"]["median_step_s"] / runs["no_slots"]["median_step_s"]
+  print(f"  train_step masked slots: {ratio:.3f}x the step without slots", flush=True)
+  return {"batch": batch, "seq": seq, "n_slots": cfg.n_slots, "slot_rank": cfg.slot_rank,
+          "no_slots_step_s": runs["no_slots"]["median_step_s"],
+          "all_masked_step_s": runs["all_masked"]["median_step_s"], "ratio": ratio}
 
 
 def _count(cfg) -> int:

@@ -88,10 +88,8 @@ def fig_over_chunks(results: Dict):
   for ref, what, color in (("in_context", "in-context ceiling", "0.3"),
                            ("base", "base (closed-book)", "0.6")):
     v = _mean(results, ref, "acquisition")
-    if v is not None:
-      ax.axhline(100 * v, ls="--", color=color, lw=1)
-      ax.annotate(what, (T, 100 * v), xytext=(-2, 3), textcoords="offset points", fontsize=7,
-                  color=color, ha="right")
+    if v is not None:  # in the legend: a text on the line hides the curves near the base
+      ax.axhline(100 * v, ls="--" if ref == "in_context" else ":", color=color, lw=1, label=what)
   ax.set_xticks(range(1, T + 1))
   ax.set_xlabel("chunks learned")
   ax.set_ylabel("closed-book accuracy on the chunks seen so far (%)")

@@ -27,6 +27,13 @@ def _mean_spread(values: Sequence[float], percent: bool = True) -> str:
 NOT_PERCENT = ("kl_to_base", "kl_to_base_change")
 
 
+def _units_note(results: Dict) -> str:
+  many = any(len(e["seeds"]) > 1 for e in results["methods"].values())
+  return "Percent (KL: nats per token); " + (
+      "mean ± sample standard deviation over seeds where there are 2 or more (seeds column)."
+      if many else "one seed per method: no spread.")
+
+
 def markdown_table(results: Dict, columns: Sequence[tuple], title: str = "") -> str:
   """Rows = methods; ``columns`` = [(metric key, header)]. Values shown in percent, except the
   keys in ``NOT_PERCENT`` (e.g. a KL in nats)."""
@@ -41,7 +48,7 @@ def markdown_table(results: Dict, columns: Sequence[tuple], title: str = "") -> 
              for k, _ in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
   lines.append("")
-  lines.append("Percent (KL: nats per token); mean ± sample standard deviation over seeds.")
+  lines.append(_units_note(results))
   return "\n".join(lines)
 
 
@@ -78,7 +85,7 @@ def grouped_table(results: Dict, key: str, title: str = "") -> str:
     cells = [_mean_spread([s.get("by_query", {}).get(key, {}).get(g) for s in seeds]) for g in gs]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(seeds)} |")
   lines.append("")
-  lines.append("Percent (KL: nats per token); mean ± sample standard deviation over seeds.")
+  lines.append(_units_note(results))
   return "\n".join(lines)
 
 

@@ -99,34 +99,47 @@ def legend(results: Dict, columns: Sequence[tuple]) -> str:
 
 
 def dream_table(results: Dict) -> str:
-  """Dreams accepted per chunk (mean over seeds) and the acceptance rate, methods that dream."""
+  """Dreams written, tried in isolated trials and accepted, per chunk (mean over seeds), and the
+  acceptance rate of the tried ones, for the methods that dream."""
   lines: List[str] = []
   for m, e in results["methods"].items():
-    per = [[i.get("dreams_accepted") for i in s.get("info", [])] for s in e["seeds"].values()]
-    if not any(x is not None for row in per for x in row):
+    infos = [s.get("info", []) for s in e["seeds"].values()]
+    if not any(i.get("dreams_accepted") is not None for row in infos for i in row):
       continue
-    acc = np.nanmean([[np.nan if x is None else x for x in row] for row in per], axis=0)
-    rate = np.nanmean([i.get("dream_acceptance", np.nan) for s in e["seeds"].values()
-                       for i in s.get("info", [])])
-    lines.append(f"| {m} | {' / '.join(f'{a:.1f}' for a in acc)} | {100 * rate:.0f}% |")
+
+    def per_chunk(key):
+      v = np.nanmean([[np.nan if i.get(key) is None else i[key] for i in row] for row in infos],
+                     axis=0)
+      return "-" if np.all(np.isnan(v)) else " / ".join(f"{a:.1f}" for a in v)
+
+    rate = np.nanmean([i.get("dream_acceptance", np.nan) for row in infos for i in row])
+    lines.append(f"| {m} | {per_chunk('dreams_written')} | {per_chunk('dreams_tried')} | "
+                 f"{per_chunk('dreams_accepted')} | {100 * rate:.0f}% |")
   if not lines:
     return ""
-  return "\n".join(["### Dreams", "", "| method | accepted per chunk | acceptance rate |",
-                    "|---|---|---|", *lines])
+  return "\n".join(["### Dreams (per chunk)", "",
+                    "| method | written | tried | accepted | acceptance rate (of tried) |",
+                    "|---|---|---|---|---|", *lines])
 
 
 def time_table(results: Dict, phases=("wake", "consolidation", "dreaming", "deep", "eval")) -> str:
-  """Seconds per phase (summed over chunks, mean over seeds) and the total, per method."""
+  """Wall seconds per phase (summed over chunks, mean over seeds) and the total, per method,
+  each with the process CPU seconds in brackets where recorded."""
   lines = []
+
+  def total(e, key):
+    return np.mean([sum(i.get(key, 0.0) for i in s.get("info", [])) for s in e["seeds"].values()])
+
   for m, e in results["methods"].items():
-    tot = {p: np.mean([sum(i.get(f"seconds_{p}", 0.0) for i in s.get("info", []))
-                       for s in e["seeds"].values()]) for p in phases}
-    if not any(tot.values()):
+    wall = {p: total(e, f"seconds_{p}") for p in phases}
+    cpu = {p: total(e, f"cpu_seconds_{p}") for p in phases}
+    if not any(wall.values()):
       continue
-    lines.append(f"| {m} | " + " | ".join(f"{tot[p]:.0f}" for p in phases)
-                 + f" | {sum(tot.values()):.0f} |")
+    cell = lambda w, c: f"{w:.0f}" + (f" ({c:.0f})" if c else "")
+    lines.append(f"| {m} | " + " | ".join(cell(wall[p], cpu[p]) for p in phases)
+                 + f" | {cell(sum(wall.values()), sum(cpu.values()))} |")
   if not lines:
     return ""
-  return "\n".join(["### Wall time (seconds, summed over chunks)", "",
+  return "\n".join(["### Time (wall seconds, CPU seconds in brackets; summed over chunks)", "",
                     "| method | " + " | ".join(phases) + " | total |",
                     "|---" * (len(phases) + 2) + "|", *lines])

@@ -77,10 +77,15 @@ def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None
   return jnp.einsum("bted,bte->btd", y, gates)
 
 
+def slot_scores(p, x):
+  """The slot gates s_s(x) = sigmoid(w_s . x), (B, T, S) in float32."""
+  return jax.nn.sigmoid((x @ p["slot_router"]).astype(jnp.float32))
+
+
 def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array]):
   """Masked low-rank slots. p: slot_router (d, S), slot_a (S, d, r), slot_b (S, r, d)."""
   live = jnp.broadcast_to(slot_mask.astype(bool), x.shape[:-1] + slot_mask.shape)
-  scores = jax.nn.sigmoid((x @ p["slot_router"]).astype(jnp.float32))
+  scores = slot_scores(p, x)
   on = top_k_mask(scores, live, top_k)
   if route_rng is not None:
     on = on | random_extra(route_rng, live & ~on)
@@ -103,6 +108,11 @@ def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lo
     y = y + dense_experts(p, x, top_k=expert_top_k, route_rng=rng_dense, lora=lora,
                           lora_scale=lora_scale)
   if "slot_a" in p:
-    ys, scores = slot_experts(p, x, slot_mask, top_k=slot_top_k, route_rng=rng_slots)
+    # A level with no live slot does no slot work (its masked slots would add exact zeros):
+    # shapes stay fixed, the branch is picked at run time from the mask (data, not a shape).
+    ys, scores = jax.lax.cond(
+        jnp.any(slot_mask), lambda: slot_experts(p, x, slot_mask, top_k=slot_top_k,
+                                                 route_rng=rng_slots),
+        lambda: (jnp.zeros_like(x), slot_scores(p, x)))
     y = y + ys
   return (y, scores) if return_scores else y

@@ -161,7 +161,7 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) ->
                      initial=st.chunk * len(PHASES) + st.phase)
   while st.chunk < T:
     t, ph = st.chunk, PHASES[st.phase]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if len(st.info) <= t:
       st.info.append({})
     if ph == "wake" and c.reset_between_chunks and t > 0:
@@ -174,6 +174,7 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) ->
     # checkpoint save after it.
     jax.block_until_ready((st.params, st.slot_mask))
     st.info[t][f"seconds_{ph}"] = time.perf_counter() - t0
+    st.info[t][f"cpu_seconds_{ph}"] = time.process_time() - c0  # every thread of the process
     if ph == PHASES[-1]:
       curves.chunk(t, chunk_scalars(st, t))
     st.phase += 1

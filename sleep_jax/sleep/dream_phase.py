@@ -88,7 +88,9 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   if not c.reset_between_chunks:
     st.generator = res.generator  # per-task reset: every task starts from the trained one
   ctx.hook("dreaming", t, 0)
-  info = {"dreams_accepted": len(res),
+  info = {"dreams_written": sum(x["n_written"] for x in res.metrics),
+          "dreams_tried": sum(x["n_tried"] for x in res.metrics),
+          "dreams_accepted": len(res),
           # of them written by the model (the rest are the task variants it was offered)
           "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
           "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
