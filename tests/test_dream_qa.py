@@ -48,3 +48,15 @@ def test_quality_and_query_format_items():
   dec = ByteTokenizer().decode
   assert PASSAGE in dec(teacher[0]) and dec(teacher[0]).endswith("Who designed it? A:")
   assert PASSAGE not in dec(student[0]) and "Who designed it?" in dec(student[0])
+
+
+def test_continuation_quality_names_the_entity_and_counts_what_the_passage_says():
+  passage = "Mara Quillon was born in 1962 in Tarsk. She worked as a glassblower in Tarsk."
+  texts = ["Mara Quillon was born in 1962 in Tarsk and liked the sea.",  # about, 6 of 9 3-grams
+           "the weather was cold and the river froze over",  # neither
+           ""]
+  q = dream_qa.continuation_quality(texts, [passage] * 3)
+  assert q["dream_about_passage"] == 1 / 3
+  assert abs(q["dream_trigrams_in_passage"] - (6 / 9) / 3) < 1e-9
+  assert dream_qa.continuation_quality([], []) == {"dream_about_passage": 0.0,
+                                                  "dream_trigrams_in_passage": 0.0}

@@ -97,9 +97,18 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
           if res.metrics else 0.0}
   dcfg = methods_lib.dreaming_config(m, c.dreaming)
   triples = []
-  if "qa" in dcfg.templates:  # dreams asked to be questions about the passage: measure them
-    texts, passages = _accepted_texts(res, ctx, t, len(dcfg.templates))
-    info.update(dream_qa.quality(texts, passages))
+  # What was written and what was accepted, measured the same way: does selection keep the
+  # dreams that are about the passage?
+  measure = dream_qa.quality if "qa" in dcfg.templates else dream_qa.continuation_quality
+  n_tpl = len(dcfg.templates)
+  texts, passages = _dream_texts(ctx, t, n_tpl, res.written)
+  info.update({f"written_{k}": v for k, v in measure(texts, passages).items()})
+  texts, passages = _dream_texts(ctx, t, n_tpl, [
+      (r[c_].tolist(), int(pi)) for r, c_, pi in zip(
+          np.asarray(res.dreams.tokens), np.asarray(res.dreams.completion_mask, bool),
+          np.asarray(res.prompt_index))])
+  info.update(measure(texts, passages))
+  if "qa" in dcfg.templates:  # dreams asked to be questions about the passage
     triples = [(p, q, a) for x, p in zip(texts, passages) for q, a in dream_qa.parse_qa_pairs(x)]
     info["dream_qa_pairs"] = len(triples)
   expands = m.consolidation is not None
@@ -149,17 +158,13 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   return st, info
 
 
-def _accepted_texts(res, ctx: Context, t: int, n_templates: int):
-  """The accepted dreams' written text and the passage each was prompted with."""
-  toks = np.asarray(res.dreams.tokens)
-  cm = np.asarray(res.dreams.completion_mask, bool)
+def _dream_texts(ctx: Context, t: int, n_templates: int, dreams):
+  """The text of each (completion tokens, prompt index) dream the model wrote (prompt index
+  >= 0: not an offered task variant) and the passage it was prompted with."""
   docs = ctx.setup.chunks[t]
-  texts, passages = [], []
-  for r, c_, pi in zip(toks, cm, np.asarray(res.prompt_index)):
-    if pi >= 0:  # the model's own dream (not an offered task variant)
-      texts.append(ctx.setup.tok.decode([int(x) for x in r[c_]]))
-      passages.append(docs[int(pi) // n_templates].passage)
-  return texts, passages
+  own = [(toks, pi) for toks, pi in dreams if pi >= 0]
+  return ([ctx.setup.tok.decode([int(x) for x in toks]) for toks, _ in own],
+          [docs[pi // n_templates].passage for _, pi in own])
 
 
 def uses_generator(method: methods_lib.Method) -> bool:

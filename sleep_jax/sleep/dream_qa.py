@@ -3,7 +3,8 @@
 A knowledge task's dream prompt holds the passage and asks for questions with short answers
 (``dreaming.templates``). ``parse_qa_pairs`` reads the pairs out of what the model wrote, in the
 layouts models use ("Q: ... A: ...", "Question: ... Answer: ...", "1. ...? ..."); ``quality``
-measures a sleep's dreams (well-formed, about the passage, answer supported by the passage); and
+measures a sleep's dreams (well-formed, about the passage, answer supported by the passage;
+``continuation_quality`` for dreams that continue the passage); and
 ``qa_items`` turns the pairs into consolidation items: the teacher reads the passage and the
 question (so the in-context model answers, not the dream's own answer), the student the
 question closed-book — the query format the facts must be recalled in.
@@ -58,6 +59,26 @@ def quality(texts: Sequence[str], passages: Sequence[str]) -> Dict[str, float]:
     sup += any(normalize_answer(a) and f" {normalize_answer(a)} " in norm for _, a in pairs)
   return {"dream_wellformed": wf / n, "dream_about_passage": about / n,
           "dream_supported": sup / n}
+
+
+def continuation_quality(texts: Sequence[str], passages: Sequence[str]) -> Dict[str, float]:
+  """For dreams that continue or rewrite their passage: the fraction that names one of the
+  passage's entities, and the mean fraction of each dream's word 3-grams found in the passage
+  (1 = copied, 0 = nothing the passage says)."""
+  n = len(texts)
+  if n == 0:
+    return {"dream_about_passage": 0.0, "dream_trigrams_in_passage": 0.0}
+  about, overlap = 0, 0.0
+  for text, passage in zip(texts, passages):
+    about += any(w in text for w in _names(passage))
+    grams = _trigrams(text)
+    overlap += len(grams & _trigrams(passage)) / len(grams) if grams else 0.0
+  return {"dream_about_passage": about / n, "dream_trigrams_in_passage": overlap / n}
+
+
+def _trigrams(text: str) -> set:
+  w = normalize_answer(text).split()
+  return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
 
 
 def qa_items(fmt, pairs_with_passages: Sequence[Tuple[str, str, str]]):

@@ -121,6 +121,9 @@ class DreamResult:
   round: np.ndarray  # (n_accepted,) round that accepted the dream
   metrics: List[Dict[str, Any]]  # one dict per round
   generator: Optional[Generator]  # the generator after the last round (persist across sleeps)
+  # Every dream the generator wrote, accepted or not (completion tokens, prompt index), for
+  # measuring what selection keeps against what is written.
+  written: List[Tuple[List[int], int]] = dataclasses.field(default_factory=list)
 
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
@@ -149,9 +152,10 @@ class Dreamer:
     self.generator = generator
 
   def round(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None
-            ) -> Tuple[Dreams, np.ndarray, np.ndarray, Dict[str, Any]]:
+            ) -> Tuple[Dreams, np.ndarray, np.ndarray, Dict[str, Any], Dreams]:
     """One round. Returns (kept dreams, their row indices in the m samples (then the
-    ``candidates``: index ``m + j``), their rewards, metrics) and updates the generator.
+    ``candidates``: index ``m + j``), their rewards, metrics, the m written dreams) and updates
+    the generator.
 
     ``candidates``: extra dreams (``fixed_dreams`` layout) scored, selected and trialled with the
     m sampled ones; the generator's ReST-EM step learns only from its own sampled dreams."""
@@ -161,7 +165,7 @@ class Dreamer:
                         c.max_new_tokens, c.temperature, c.random_expert, self.generator.lora,
                         gen_lora_scale=self.generator.scale, top_k=c.top_k, top_p=c.top_p,
                         stop_tokens=self.stop_tokens, pad_id=self.pad_id)
-    dreams = as_dreams(out)
+    dreams = written = as_dreams(out)
     if candidates is not None:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
@@ -197,7 +201,7 @@ class Dreamer:
         "mean_completion_tokens": float(np.asarray(kept.completion_mask).sum(1).mean()),
         **{k: float(v) for k, v in rm.items()},
     }
-    return kept, np.asarray(idx), rewards, metrics
+    return kept, np.asarray(idx), rewards, metrics, written
 
   def run(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None,
           on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DreamResult:
@@ -208,10 +212,12 @@ class Dreamer:
       prompt_idx = np.concatenate([prompt_idx, np.full(candidates.tokens.shape[0], -1)])
     acc: Dict[str, list] = {k: [] for k in ("tokens", "valid", "completion_mask", "prompt_index",
                                             "round")}
-    metrics = []
+    metrics, written = [], []
     for rnd, key in enumerate(jax.random.split(rng, self.config.rounds)):
       t0 = time.perf_counter()
-      kept, idx, rewards, m = self.round(context_prompts, task_batch, key, candidates)
+      kept, idx, rewards, m, w = self.round(context_prompts, task_batch, key, candidates)
+      written += [(r[c].tolist(), int(i)) for r, c, i in zip(
+          np.asarray(w.tokens), np.asarray(w.completion_mask, bool), prompt_idx)]
       ok = rewards > 0
       acc["tokens"].append(np.asarray(kept.tokens)[ok])
       acc["valid"].append(np.asarray(kept.valid)[ok])
@@ -223,7 +229,7 @@ class Dreamer:
       if on_round is not None:
         on_round(rnd, {k: v for k, v in m.items() if isinstance(v, (int, float))})
     return DreamResult(**{k: np.concatenate(v) for k, v in acc.items()}, metrics=metrics,
-                       generator=self.generator)
+                       generator=self.generator, written=written)
 
 
 def _empty_result(generator) -> DreamResult:
