@@ -128,6 +128,8 @@ def test_documents_file_runs_end_to_end(tmp_path, base_cache):
     ('{"id": 1, "passage": "x", "questions": [{"q": "?"}]}', "bad.jsonl:2: every entry"),
     ('{"id": 1, "passage": "x", "questions": [{"q": "?", "answer": "a"}], "extra": 1}',
      "unknown fields"),
+    ('{"id": 1, "passage": "x", "questions": [{"q": "?", "answer": "a"}], "title": 3}',
+     "bad.jsonl:2: 'title'"),
 ])
 def test_malformed_documents_name_the_line(tmp_path, line, msg):
   p = tmp_path / "bad.jsonl"

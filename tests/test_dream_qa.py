@@ -1,6 +1,8 @@
 """Dreams about the passage: the prompts hold it, the written questions are parsed into (q, a)
 pairs, their quality is measured, and they become query-format consolidation items."""
 
+import types
+
 from sleep_jax.configs import knowledge
 from sleep_jax.data import documents
 from sleep_jax.data.tokenizer import ByteTokenizer
@@ -60,3 +62,23 @@ def test_continuation_quality_names_the_entity_and_counts_what_the_passage_says(
   assert abs(q["dream_trigrams_in_passage"] - (6 / 9) / 3) < 1e-9
   assert dream_qa.continuation_quality([], []) == {"dream_about_passage": 0.0,
                                                   "dream_trigrams_in_passage": 0.0}
+
+
+def test_title_templates_and_query_format_student_prompts():
+  """World documents carry their person's name; a dream template may ask for it, and the
+  student of such a dream is asked the template without the passage (the query format)."""
+  from sleep_jax.data import world as world_lib
+  from sleep_jax.sleep import dream_phase
+  from sleep_jax.tasks import pretrain
+  w = world_lib.World(pretrain.runlocal().world)
+  fmt = documents.WorldFormat(w.tokenizer)
+  docs = documents.world_documents(w, w.chunk(0)[:2])
+  p = w.chunk(0)[1]
+  assert docs[1].title == f"{p.first} {p.last}"
+  templates = {"continue": "{context}", "name": "{context} Q: {title}"}
+  setup = types.SimpleNamespace(fmt=fmt)
+  prompts = task_lib.dream_prompts(setup, docs, templates)
+  assert w.tokenizer.decode(prompts[3]).endswith(f"Q: {p.first} {p.last}")
+  student = dream_phase.template_student_prompts(fmt, docs, templates, [3, 2, -1])
+  assert w.tokenizer.decode(student[0]).strip() == f"Q: {p.first} {p.last}"
+  assert student[1] == fmt.bos() and student[2] == fmt.bos()  # "{context}" alone: bos

@@ -10,9 +10,11 @@ A ``Document`` is what one wake step reads: a passage, the questions asked about
 
     {"id": "...", "passage": "...",
      "questions": [{"q": "...", "answer": "...", "aliases": ["..."]}],
-     "train_questions": [{"q": "...", "answer": "..."}]}      # optional
+     "train_questions": [{"q": "...", "answer": "..."}],      # optional
+     "title": "..."}                                           # optional: who/what it is about
 
   Without ``train_questions`` sleep uses one recall prompt per document (``RECALL_PROMPT``).
+  ``title`` fills ``{title}`` in dream templates (world documents: the person's name).
 
 A ``Format`` turns documents into token ids for one model family: ``WorldFormat`` (the tiny
 world's ``<passage> Q: ... A:`` layout, word tokenizer) and ``ChatFormat`` (a chat model's own
@@ -48,6 +50,7 @@ class Document:
   passage: str
   train_questions: tuple  # of Question: the wake prompts sleep distils on
   eval_questions: tuple  # of Question: scored closed-book after sleep
+  title: str = ""  # the entity the passage is about (dream templates may ask for ``{title}``)
 
 
 class DocumentError(UserError):
@@ -91,10 +94,12 @@ def load_jsonl(path: str) -> List[Document]:
       raise DocumentError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
       raise DocumentError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    unknown = set(obj) - {"id", "passage", "questions", "train_questions"}
+    unknown = set(obj) - {"id", "passage", "questions", "train_questions", "title"}
     if unknown:
       raise DocumentError(f"{where}: unknown fields {sorted(unknown)}; expected id, passage, "
-                          "questions, train_questions")
+                          "questions, train_questions, title")
+    if not isinstance(obj.get("title", ""), str):
+      raise DocumentError(f"{where}: 'title' (what the passage is about) must be a string")
     if "id" not in obj or not isinstance(obj.get("passage"), str) or not obj["passage"].strip():
       raise DocumentError(f"{where}: needs an 'id' and a non-empty string 'passage'")
     doc_id = str(obj["id"])
@@ -109,7 +114,7 @@ def load_jsonl(path: str) -> List[Document]:
                    for q in obj.get("train_questions", []))
     if not trains:
       trains = (Question(RECALL_PROMPT.format(id=doc_id), obj["passage"]),)
-    docs.append(Document(doc_id, obj["passage"], trains, evals))
+    docs.append(Document(doc_id, obj["passage"], trains, evals, obj.get("title", "")))
   if not docs:
     raise DocumentError(f"{path}: no documents")
   return docs
@@ -151,7 +156,7 @@ def world_documents(world, people, passages_per_person: int = 1) -> List[Documen
         (tq if t < world_lib.N_TRAIN_TEMPLATES else eq).append(q)
     for v in range(n):
       docs.append(Document(str(p.pid) if v == 0 else f"{p.pid}/v{v}", world.passage(p, v),
-                           tuple(tq), tuple(eq) if v == 0 else ()))
+                           tuple(tq), tuple(eq) if v == 0 else (), f"{p.first} {p.last}"))
   return docs
 
 
@@ -179,8 +184,8 @@ class WorldFormat:
   def document(self, passage: str) -> List[int]:
     return self.tok.encode(passage, add_bos=True, add_eos=True)
 
-  def dream_prompt(self, passage: str, template: str = "{context}") -> List[int]:
-    return self.tok.encode(template.format(context=passage), add_bos=True)
+  def dream_prompt(self, passage: str, template: str = "{context}", title: str = "") -> List[int]:
+    return self.tok.encode(template.format(context=passage, title=title), add_bos=True)
 
   def prompt(self, text: str) -> List[int]:
     """Plain text to continue (the KL probe's generic prompts)."""
@@ -216,8 +221,8 @@ class ChatFormat:
   def document(self, passage: str) -> List[int]:
     return self.tok.encode(passage) + [self.tok.eos_id]
 
-  def dream_prompt(self, passage: str, template: str = "{context}") -> List[int]:
-    return self._chat(template.format(context=passage))
+  def dream_prompt(self, passage: str, template: str = "{context}", title: str = "") -> List[int]:
+    return self._chat(template.format(context=passage, title=title))
 
   def prompt(self, text: str) -> List[int]:
     """A user turn as it is, without the short-answer instruction (the KL probe's prompts)."""

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +138,8 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   kcfg.optimizer = dt.optimizer
   teacher = [r[v & ~c_].tolist() for r, v, c_ in zip(toks, valid, cm)]
   student = [s.fmt.bos()] * len(res)
+  if dcfg.get("student_prompt", "bos") == "template":
+    student = template_student_prompts(s.fmt, s.chunks[t], dcfg.templates, res.prompt_index)
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
   if dcfg.qa_items and triples:
     # The dream's questions in the query format: the model reading the passage answers each
@@ -156,6 +158,14 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   if out.history:
     info["dream_training_loss"] = out.history[-1]["loss"]
   return st, info
+
+
+def template_student_prompts(fmt, docs, templates, prompt_index) -> List[List[int]]:
+  """Student prompts of dreams in the query format: each dream's template with its passage
+  left out (``"{context} Q: {title}"`` -> ``"Q: <title>"``); bos for offered task variants."""
+  tpls = list(templates.values())
+  return [fmt.dream_prompt("", tpls[pi % len(tpls)], docs[pi // len(tpls)].title)
+          if pi >= 0 else fmt.bos() for pi in (int(i) for i in prompt_index)]
 
 
 def _dream_texts(ctx: Context, t: int, n_templates: int, dreams):

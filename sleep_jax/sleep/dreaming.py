@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (question, answer) pairs parsed from the accepted dreams, each question answered by the
   # model reading the passage, instead of the raw dream text.
   c.qa_items = False
+  # Sleep's student prompt for an accepted dream: "bos" (writes it from nothing) or "template"
+  # (the dream's template without the passage, e.g. "Q: {title}": the query format).
+  c.student_prompt = "bos"
   c.rounds = 2  # sample -> score -> select -> trials -> reward -> ReST-EM rounds per sleep
   # Sampling (step 1).
   c.m = 16  # dreams sampled per round (prompts are tiled over the m rows)

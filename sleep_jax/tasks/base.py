@@ -101,7 +101,8 @@ def gold_answers(setup: Setup, docs: Sequence[documents.Document]) -> List[List[
 
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
-  return [setup.fmt.dream_prompt(d.passage, tpl) for d in docs for tpl in templates.values()]
+  return [setup.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs
+          for tpl in templates.values()]
 
 
 def value_anchors(setup: Setup, docs: Sequence[documents.Document], k: int,
