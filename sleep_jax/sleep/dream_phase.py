@@ -88,7 +88,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   if not c.reset_between_chunks:
     st.generator = res.generator  # per-task reset: every task starts from the trained one
   ctx.hook("dreaming", t, 0)
-  info = {"dreams_written": sum(x["n_written"] for x in res.metrics),
+  info = {"dreams_written": len(res.written),  # by the generator (offered variants come on top)
           "dreams_tried": sum(x["n_tried"] for x in res.metrics),
           "dreams_accepted": len(res),
           # of them written by the model (the rest are the task variants it was offered)

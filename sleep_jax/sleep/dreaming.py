@@ -198,7 +198,6 @@ class Dreamer:
         "base_score": float(trials.base_score),
         "rewards": rewards.tolist(),
         "acceptance_rate": float(rewards.mean()) if rewards.size else 0.0,
-        "n_written": int(c.m),  # by the generator (offered candidates come on top)
         "n_tried": int(rewards.size),
         "n_accepted": int(rewards.sum()),
         "mean_completion_tokens": float(np.asarray(kept.completion_mask).sum(1).mean()),
