@@ -61,6 +61,26 @@ def test_slot_trainable_mask_selects_one_slot():
   assert np.all(m["layers"]["cms_1"]["slot_a"][:, 2]) and not np.any(m["layers"]["cms_1"]["slot_a"][:, :2])
 
 
+@pytest.mark.parametrize("cfg", [CFG, config.tiny(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                 d_ff=(16, 64), n_slots=0, slot_rank=4)])
+def test_allocate_slots_keeps_function_and_adds_capacity(cfg):
+  p, mask = _params(cfg, live=cfg.n_slots > 0)
+  x = _tokens()
+  base, _ = T.apply(p, x, cfg, slot_mask=mask if cfg.n_slots else None)
+  p2, cfg2 = growth.allocate_slots(p, cfg, 6)
+  assert cfg2.n_slots == 6 and p2["layers"]["cms_0"]["slot_a"].shape[1] == 6
+  m2 = jnp.zeros((cfg.n_levels, 6), bool).at[:, :cfg.n_slots].set(mask) if cfg.n_slots else \
+      jnp.zeros((cfg.n_levels, 6), bool)
+  after, _ = T.apply(p2, x, cfg2, slot_mask=m2)
+  # Live slots are summed over a longer slot axis: equal up to the order of float sums.
+  np.testing.assert_allclose(after, base, rtol=0, atol=1e-6)
+  for _ in range(6 - int(m2[0].sum())):  # every free slot can be unlocked, one after the other
+    p2, m2, s = growth.unlock_slot(p2, m2, 0, jax.random.key(int(m2[0].sum())))
+  assert bool(m2[0].all()) and float(jnp.abs(p2["layers"]["cms_0"]["slot_a"][:, 5]).sum()) > 0
+  with pytest.raises(ValueError, match="fewer than"):
+    growth.allocate_slots(p2, cfg2, 2)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_hyperclone_preserves_logits(tie):
   import dataclasses

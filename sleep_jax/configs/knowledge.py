@@ -35,6 +35,7 @@ HELP = {
     "continued": "the many-passage regime: 4 paraphrased passages per new person",
     "continual": "the continual-learning stream: 5 chunks, 3 seeds, accuracy matrices",
     "recall": "a base that recalls its own facts, with the storage levers (~8 min)",
+    "capacity": "recall with 8 slots per sleep, gate, replay, one fast level; 3 seeds (~30 min)",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
@@ -83,6 +84,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       passages_per_person=1,
   ))
   c.base_cache = ""  # "" = WORKDIR/base
+  # Pre-allocated low-rank slots per CMS level (0 = the base's own; more are added masked, which
+  # leaves the base's function unchanged): capacity for consolidation.slots > 1 over a stream.
+  c.model_slots = 0
   c.base = _base_recipe(pretrain.PretrainConfig())
   c.seq_len = c.base.seq_len
   c.world_chunks = 3  # T wake chunks used (<= base.world.n_chunks)
@@ -150,7 +154,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant == "recall":
+  elif variant in ("recall", "capacity"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -161,6 +165,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
+    if variant == "capacity":
+      # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
+      # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
+      # deep sleep into level 1 lost a third of what the fast level held at this step budget).
+      c.methods = ("base", "in_context", "sft", "sft_questions", "sleep_no_dream", "sleep")
+      c.seeds = (0, 1, 2)
+      c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 5.0, 1.0
+      c.deep_every = 1000
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with

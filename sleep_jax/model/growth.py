@@ -85,6 +85,34 @@ def _replace_level(params, level, lvl):
   return params
 
 
+def allocate_slots(params, cfg: ModelConfig, n_slots: int):
+  """The same model with ``n_slots`` pre-allocated slots per CMS level (at least its own).
+
+  The added slots are masked (zero A, B and router column), so the function is unchanged (up to
+  the order of float sums over the longer slot axis) for a slot mask of the old shape padded
+  with False; ``unlock_slot`` draws their A when it turns
+  one on. Returns ``(params, cfg)``.
+  """
+  extra = int(n_slots) - cfg.n_slots
+  if extra < 0:
+    raise ValueError(f"model_slots={n_slots} is fewer than the model's own {cfg.n_slots} slots "
+                     "per level; slots can be added, not removed")
+  if extra == 0:
+    return params, cfg
+  L, d, r, S = cfg.n_layers, cfg.d_model, cfg.slot_rank, cfg.n_slots
+  dt = params["embed"].dtype
+  pad = lambda x, axis: jnp.concatenate(
+      [x, jnp.zeros(x.shape[:axis] + (extra,) + x.shape[axis + 1:], x.dtype)], axis=axis)
+  for j in range(cfg.n_levels):
+    lvl = dict(params["layers"][T.level_name(j)])
+    # A model built without slots has no slot leaves: start from empty ones.
+    lvl["slot_a"] = pad(lvl.get("slot_a", jnp.zeros((L, S, d, r), dt)), 1)
+    lvl["slot_b"] = pad(lvl.get("slot_b", jnp.zeros((L, S, r, d), dt)), 1)
+    lvl["slot_router"] = pad(lvl.get("slot_router", jnp.zeros((L, d, S), dt)), 2)
+    params = _replace_level(params, j, lvl)
+  return params, dataclasses.replace(cfg, n_slots=int(n_slots))
+
+
 def slot_trainable_mask(params, level: int, slot: int):
   """Elementwise bool pytree: True only on slot ``slot`` of level ``level`` (A, B, router column)."""
   out = jax.tree.map(lambda x: np.zeros(x.shape, bool), params)

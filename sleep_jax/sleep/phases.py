@@ -185,8 +185,12 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   kcfg.source_level, kcfg.target_level = level - 1, level
   kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
   kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
-  kcfg.gate_weight = 0.0  # nor anchors: every item is what the fast level held
-  res = _consolidate(st, ctx, prompts, prompts, kcfg, t, phase)
+  # The same anchors (and gate) as the fast sleep: the slow level's new capacity must not
+  # disturb what it was not trained for either. Measured on the world (README, fourteenth
+  # session): without them the deep sleep cost most of the reading skill the fast sleeps kept.
+  anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
+  res = _consolidate(st, ctx, prompts + anchors, prompts + anchors, kcfg, t, phase,
+                     gate_targets=[1.0] * len(prompts) + [0.0] * len(anchors))
   st.params, st.slot_mask = res.params, res.slot_mask
   return st
 

@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
+from sleep_jax.model import growth
 from sleep_jax.tasks import base_cache, pretrain
 
 
@@ -33,18 +34,27 @@ def base_recipe(config) -> pretrain.PretrainConfig:
   return pretrain.PretrainConfig(world=world, **b)
 
 
+def _with_slots(config, params, cfg):
+  """``config.model_slots`` > 0: that many pre-allocated (masked) slots per CMS level, so sleeps
+  that unlock several slots each fit in the stream; the base's function is unchanged."""
+  n = int(config.get("model_slots", 0))
+  return growth.allocate_slots(params, cfg, n) if n else (params, cfg)
+
+
 def load(config, workdir: str, log=print) -> Model:
   c = config
   if c.model_source == "world":
     cache = c.base_cache or os.path.join(workdir, "base")
     base = base_cache.pretrain_or_load(cache, base_recipe(c), log=log)
-    return Model(base.params, base.cfg, base.tokenizer, documents.WorldFormat(base.tokenizer),
+    params, cfg = _with_slots(c, base.params, base.cfg)
+    return Model(params, cfg, base.tokenizer, documents.WorldFormat(base.tokenizer),
                  base.metrics, base.world)
   if c.model_source == "gguf":
     from sleep_jax.data.hf_tokenizer import HFTokenizer
     from sleep_jax.model import convert, fetch
     path = c.gguf or str(fetch.smollm2_path())
     cfg, params = convert.load_gguf(path)
+    params, cfg = _with_slots(c, params, cfg)
     tok = HFTokenizer.from_gguf(path)
     return Model(params, cfg, tok, documents.ChatFormat(tok), {}, None)
   raise ValueError(f"model_source={c.model_source!r}; valid: 'world', 'gguf'")
