@@ -123,3 +123,25 @@ def test_command_line_exit_codes(exc, code, monkeypatch):
     with main._reported():
       raise exc
   assert e.value.code == code
+
+
+def test_slot_demand_follows_the_schedule_and_prunes():
+  # Level 0 every chunk, pruned every 2 chunks by level 1, which is never pruned.
+  assert validate.slot_demand((1, 2), 3, 5) == {0: 6, 1: 6}
+  assert validate.slot_demand((1, 1000), 1, 5) == {0: 5, 1: 0}  # one fast level holds all
+  assert validate.slot_demand((1, 2), 4, 5, reset_between_chunks=True) == {0: 4, 1: 4}
+  assert validate.slot_demand((1, 2), 1, 5, prune=False) == {0: 5, 1: 2}
+
+
+def test_too_few_slots_for_the_stream_is_refused_before_any_sleep():
+  from types import SimpleNamespace
+  c = knowledge.get_config("test")
+  c.methods = ("base", "sft", "sleep")
+  setup = SimpleNamespace(cfg=SimpleNamespace(n_slots=4, n_levels=2), chunks=[[]] * 3)
+  validate.slot_capacity(c, setup)  # 1 slot per sleep, 2 sleeps before a prune: fits
+  c.consolidation.slots = 3
+  with pytest.raises(errors.UserError, match=r"'sleep' unlocks 3 slot\(s\).*6 slots, but the "
+                                             r"model has 4.*model_slots=6"):
+    validate.slot_capacity(c, setup)
+  c.methods = ("base", "sft", "sleep_no_expansion")  # trains existing weights: no slots
+  validate.slot_capacity(c, setup)

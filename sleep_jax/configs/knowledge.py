@@ -210,6 +210,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.sft.optimizer.lr = 5e-5
     if variant == "smollm2_gpu":  # the GPU/TPU-sized run
       c.world_chunks = 5
+      c.model_slots = 8  # 5 sleeps into the one fast level (the import has 4 slots per level)
       c.data.chunk_size = 20
       c.seeds = (0, 1, 2)
       c.methods = ALL_METHODS

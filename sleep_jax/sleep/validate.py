@@ -112,3 +112,45 @@ def bound_inputs(config, setup, log=print) -> None:
         doc = dataclasses.replace(doc, passage=" ".join(words[:lo]))
       out.append(doc)
     setup.chunks[ci] = out
+
+
+def slot_demand(schedule, slots: int, n_chunks: int, *, reset_between_chunks: bool = False,
+                prune: bool = True) -> dict:
+  """Slots each CMS level must hold at once: level l unlocks ``slots`` every ``C_l`` chunks
+  and is pruned when level l+1 receives it (every ``C_{l+1}`` chunks; never for the slowest
+  level, nor without ``prune``); a per-task reset starts every chunk from the base."""
+  need = {}
+  for level, every in enumerate(schedule):
+    events = n_chunks // every
+    if reset_between_chunks:
+      events = min(events, 1)
+    elif prune and level + 1 < len(schedule):
+      events = min(events, schedule[level + 1] // every)
+    need[level] = int(slots) * events
+  return need
+
+
+def slot_capacity(config, setup) -> None:
+  """UserError, before any sleep, when a method's sleeps would unlock more slots in a CMS level
+  than the model has before that level is pruned (``consolidation.slots`` x sleeps)."""
+  have = int(setup.cfg.n_slots)
+  for name in config.methods:
+    method = methods_lib.get(str(name))
+    if method.learn != "sleep" or method.consolidation is None:
+      continue
+    kcfg = methods_lib.consolidation_config(method, config.consolidation)
+    if not kcfg.expand:
+      continue
+    sched = methods_lib.sleep_schedule(tuple(config.sleep_every) or (1, config.deep_every),
+                                       method, setup.cfg.n_levels)
+    need = slot_demand(sched, int(kcfg.slots), len(setup.chunks),
+                       reset_between_chunks=bool(config.reset_between_chunks),
+                       prune=bool(kcfg.prune))
+    for level, n in need.items():
+      if n > have:
+        raise UserError(
+            f"method {name!r} unlocks {kcfg.slots} slot(s) per sleep in CMS level {level}, "
+            f"{n // int(kcfg.slots)} times before the level is pruned: {n} slots, but the model "
+            f"has {have} per level; "
+            + (f"pass --config.model_slots={n} or " if "model_slots" in config else "")
+            + "lower --config.consolidation.slots")
