@@ -21,7 +21,6 @@ dream-generator tasks and the held-out tasks of ``arc.generated_split``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -50,8 +49,7 @@ class ArcConfig:
 
 
 def config_name(cfg: ArcConfig) -> str:
-  blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-  return f"{cfg.source}_{hashlib.sha1(blob).hexdigest()[:10]}"
+  return f"{cfg.source}_{builders.config_hash(cfg)}"
 
 
 class ArcBuilderConfig(tfds.core.BuilderConfig):

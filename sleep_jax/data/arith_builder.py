@@ -13,7 +13,6 @@ live side by side under one ``data_dir``:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Dict, Iterable, List, Tuple
 
@@ -37,8 +36,7 @@ class ArithConfig:
 
 
 def config_name(cfg: ArithConfig) -> str:
-  blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-  return f"seed{cfg.seed}_{hashlib.sha1(blob).hexdigest()[:10]}"
+  return f"seed{cfg.seed}_{builders.config_hash(cfg)}"
 
 
 class ArithBuilderConfig(tfds.core.BuilderConfig):

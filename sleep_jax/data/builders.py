@@ -27,6 +27,9 @@ them freely.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Type
 
@@ -95,6 +98,13 @@ def text_builder(name: str, generators: Mapping[str, Callable[[], Iterable[Dict]
       "name": name, "VERSION": tfds.core.Version(version), "TEXT_FIELDS": tuple(text_fields),
       "INT_FIELDS": tuple(int_fields), "SPLITS": tuple(gens), "DESCRIPTION": description,
       "generate": generate, "__module__": __name__})
+
+
+def config_hash(cfg) -> str:
+  """A short stable hash of a dataclass config: the suffix of a builder config's name, so
+  datasets built from different configs live side by side under one ``data_dir``."""
+  blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+  return hashlib.sha1(blob).hexdigest()[:10]
 
 
 def prepare(builder_cls: Type[TextRecordsBuilder], data_dir: str, **kwargs) -> TextRecordsBuilder:

@@ -23,7 +23,6 @@ different worlds live side by side under one ``data_dir``:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Dict, Iterable, List, Optional
 
@@ -37,8 +36,7 @@ INT_FIELDS = ("pid", "template", "variant")
 
 
 def config_name(cfg: world_lib.WorldConfig) -> str:
-  blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-  return f"seed{cfg.seed}_{hashlib.sha1(blob).hexdigest()[:10]}"
+  return f"seed{cfg.seed}_{builders.config_hash(cfg)}"
 
 
 class WorldBuilderConfig(tfds.core.BuilderConfig):

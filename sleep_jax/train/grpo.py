@@ -42,11 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def completion_logprobs(params, tokens, valid, completion_mask, slot_mask, cfg: ModelConfig
                         ) -> Tuple[jax.Array, jax.Array]:
-  """(log pi(y_t | y_<t) for t = 1 .. T-1, and the mask of generated tokens among them)."""
+  """(log pi(y_t | y_<t) aligned with ``tokens``, and the mask of the generated tokens)."""
   logits = transformer.apply(params, tokens, cfg, valid=valid, slot_mask=slot_mask)[0]
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return lp, completion_mask[:, 1:]
+  return transformer.logits_to_logprobs(logits, tokens), completion_mask
 
 
 def make_loss(cfg: ModelConfig, *, group_size: int, clip_eps: float, kl_coef: float):
