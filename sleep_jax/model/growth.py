@@ -90,8 +90,7 @@ def allocate_slots(params, cfg: ModelConfig, n_slots: int):
 
   The added slots are masked (zero A, B and router column), so the function is unchanged (up to
   the order of float sums over the longer slot axis) for a slot mask of the old shape padded
-  with False; ``unlock_slot`` draws their A when it turns
-  one on. Returns ``(params, cfg)``.
+  with False; ``unlock_slot`` draws their A when it turns one on. Returns ``(params, cfg)``.
   """
   extra = int(n_slots) - cfg.n_slots
   if extra < 0:

@@ -187,7 +187,7 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
   # The same anchors (and gate) as the fast sleep: the slow level's new capacity must not
   # disturb what it was not trained for either. Measured on the world (README, fourteenth
-  # session): without them the deep sleep cost most of the reading skill the fast sleeps kept.
+  # session): reading skill after the stream 54% without them, 78% with them.
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
   res = _consolidate(st, ctx, prompts + anchors, prompts + anchors, kcfg, t, phase,
                      gate_targets=[1.0] * len(prompts) + [0.0] * len(anchors))
