@@ -117,3 +117,37 @@ def test_hyperclone_with_qkv_bias_and_qk_norm():
   bp, bcfg = growth.hyperclone_width(p, cfg, 2)
   big, _ = T.apply(bp, x, bcfg, slot_mask=mask)
   np.testing.assert_allclose(big, small, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_gates_with_a_hidden_layer_keep_function_and_train_per_slot():
+  """add_slot_gates adds a silent hidden layer to every slot's gate (the logits do not change);
+  the leaves carry the slots axis, so a sleep trains only its own slots' gates; unlock and prune
+  silence a slot's hidden layer again; a masked slot's gate gets exactly zero gradient."""
+  from sleep_jax.train import state as state_lib
+  p, mask = _params(CFG)
+  x = _tokens()
+  base, _ = T.apply(p, x, CFG, slot_mask=mask)
+  p2, cfg2 = growth.add_slot_gates(*growth.allocate_slots(p, CFG, 6), 8)
+  m2 = jnp.zeros((CFG.n_levels, 6), bool).at[:, :CFG.n_slots].set(mask)
+  np.testing.assert_allclose(T.apply(p2, x, cfg2, slot_mask=m2)[0], base, rtol=0, atol=1e-6)
+  jax.tree.map(lambda a, s: None if a.shape == s.shape else (_ for _ in ()).throw(AssertionError()),
+               p2, T.param_shapes(cfg2))
+  assert growth.add_slot_gates(p2, cfg2, 8)[1] is cfg2
+  with pytest.raises(ValueError, match="already have"):
+    growth.add_slot_gates(p2, cfg2, 4)
+  p3, m3, s = growth.unlock_slot(p2, m2, 0, jax.random.key(1))
+  s = int(s)
+  lvl = dict(p3["layers"]["cms_0"])
+  lvl["slot_gate_v"] = lvl["slot_gate_v"].at[:, s].set(1.0)  # as if trained
+  lvl["slot_b"] = lvl["slot_b"].at[:, s].set(0.1)
+  p3["layers"] = dict(p3["layers"], cms_0=lvl)
+  train = state_lib.slot_trainable(p3, T.param_axes(cfg2), 0, s)["layers"]["cms_0"]
+  assert train["slot_gate_v"].shape == (1, 6, 1) and bool(train["slot_gate_v"][0, s, 0])
+  assert int(np.sum(train["slot_gate_u"])) == 1
+  g = jax.grad(lambda q: jnp.sum(T.apply(q, x, cfg2, slot_mask=m3)[0] ** 2))(p3)
+  free = ~np.asarray(m3[0])
+  for name in ("slot_gate_u", "slot_gate_v"):
+    assert float(jnp.abs(g["layers"]["cms_0"][name][:, free]).max()) == 0.0
+  assert float(jnp.abs(g["layers"]["cms_0"]["slot_gate_u"][:, s]).max()) > 0.0
+  p4, _ = growth.reset_level(p3, m3, 0)
+  assert float(jnp.abs(p4["layers"]["cms_0"]["slot_gate_v"]).max()) == 0.0

@@ -32,7 +32,7 @@ def test_cascade_schedule_four_levels():
 def test_two_level_default_is_the_old_deep_sleep_schedule():
   """Without ``sleep_every`` the cascade is the old rule: deep sleep level 0 -> 1 after chunk t
   iff the method deep-sleeps, the model has 2+ levels and (t + 1) % deep_every == 0."""
-  c = knowledge.get_config("default")
+  c = knowledge.get_config("base_r")
   assert tuple(c.sleep_every) == ()
   for deep_every in (1, 2, 3):
     for name, m in M.METHODS.items():

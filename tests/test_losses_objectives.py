@@ -202,5 +202,38 @@ def test_gate_loss_matches_numpy_and_the_model_returns_its_gates():
   plain, _ = T.apply(params, tokens, cfg, logits_from=2)
   logits, _, gates = T.apply(params, tokens, cfg, logits_from=2, return_gates=True)
   np.testing.assert_array_equal(plain, logits)
-  assert set(gates) == {0, 1} and gates[0].shape == (2, 2, 4, 2)
+  assert set(gates) == {0, 1} and gates[0].shape == (2, 2, 6, 2)
   assert float(gates[0].min()) > 0.0 and float(gates[0].max()) < 1.0
+
+
+@pytest.mark.parametrize("positions", ["answer", "anchor_all"])
+def test_gate_term_positions(positions):
+  """The gate term of the KS objective acts where ``gate_positions`` says: at the positions that
+  predict the completion for every item, and with "anchor_all" at every real position of an
+  anchor item (y = 0), so the new slot is shut over the whole unrelated input."""
+  from sleep_jax.model import config, transformer as T
+  cfg = config.tiny(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=(0, 32),
+                    n_experts=(1, 1), n_slots=2, slot_rank=4, chunk_sizes=(1, 1))
+  params = T.init(jax.random.key(0), cfg)
+  params["layers"]["cms_0"]["slot_router"] = jax.random.normal(
+      jax.random.key(1), params["layers"]["cms_0"]["slot_router"].shape)
+  batch, ps = _ks_batch(12, cfg, params)
+  del batch["on_tokens"]  # lam = 0: the off-policy side alone
+  y = np.array([1.0, 0.0, 0.0], np.float32)
+  slots = np.array([[False, True], [False, False]])
+  batch.update(slot_mask=jnp.asarray([[True, True], [False, False]]),
+               gate_target=jnp.asarray(y), gate_slots=jnp.asarray(slots))
+  _, m = L.knowledge_seeding_loss(params, batch, None, cfg=cfg, alpha=1.0, lam=0.0,
+                                  gate_weight=1.0, gate_positions=positions)
+  _, _, gates = T.apply(params, batch["off_tokens"], cfg, valid=batch["off_valid"],
+                        slot_mask=batch["slot_mask"], return_gates=True)
+  s = np.asarray(gates[0])[..., 1]  # (L, B, T): the new slot
+  pred = np.zeros(s.shape[1:], bool)
+  pred[:, ps - 1:] = np.asarray(L.prediction_mask(batch["off_completion_mask"]))[:, ps - 1:]
+  anchor_w = np.asarray(batch["off_valid"]) if positions == "anchor_all" else pred
+  w_new, w_anchor = pred & (y[:, None] == 1), anchor_w & (y[:, None] == 0)
+  np.testing.assert_allclose(m["gate_on_new"], s[:, w_new].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["gate_on_anchor"], s[:, w_anchor].mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="gate_positions"):
+    L.knowledge_seeding_loss(params, batch, None, cfg=cfg, alpha=1.0, lam=0.0, gate_weight=1.0,
+                             gate_positions="everywhere")

@@ -57,7 +57,7 @@ HELP = {
 
 
 def get_config(variant: str = "generated") -> ml_collections.ConfigDict:
-  c = knowledge.get_config("default")
+  c = knowledge.get_config("base_r")
   c.methods = METHODS
   c.seeds = (0, 1, 2)
   c.data.source = "arc"

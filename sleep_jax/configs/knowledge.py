@@ -4,8 +4,11 @@
 
 Variants (``--config=...knowledge.py:VARIANT``):
 
-* ``default``  the README's main job: a small but honest comparison (about 10 minutes on 2 CPU
-               cores, base model included; the base model is cached in the workdir);
+* ``default``  the README's main job: the six main methods, one seed, on the shipped base that
+               recalls its own facts, with the levers that make a sleep store a chunk (8 slots
+               per sleep, the gate, replay, one fast level; about 10 minutes on 2 CPU cores);
+* ``base_r``   the first wave's main job: the shipped base R (which never learnt closed-book
+               recall) and one slot per sleep; ``full``, ``continued`` and ``continual`` use it;
 * ``full``     ``experiments/knowledge_incorporation``: every method and ablation, 3 seeds, the
                continual variant's 5 chunks (the same workdir can hold both);
 * ``continued`` the many-passage ("continued pretraining") regime: each new person arrives as 4
@@ -30,7 +33,8 @@ from sleep_jax.sleep import consolidation, dreaming
 from sleep_jax.tasks import pretrain
 
 HELP = {
-    "default": "the README's main job: the six main methods on 3 chunks (~4 min on 2 cores)",
+    "default": "the README's main job: the six main methods, base S, capacity levers (~10 min)",
+    "base_r": "the first wave's main job: base R, one slot per sleep (~4 min)",
     "full": "every method and ablation, 3 seeds, 5 chunks",
     "continued": "the many-passage regime: 4 paraphrased passages per new person",
     "continual": "the continual-learning stream: 5 chunks, 3 seeds, accuracy matrices",
@@ -87,6 +91,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Pre-allocated low-rank slots per CMS level (0 = the base's own; more are added masked, which
   # leaves the base's function unchanged): capacity for consolidation.slots > 1 over a stream.
   c.model_slots = 0
+  # Hidden units of each slot's gate (0 = the linear gate sigmoid(w . x)); added to a loaded base
+  # with a silent hidden layer (growth.add_slot_gates), so the base's function is unchanged.
+  c.model_gate_hidden = 0
   c.base = _base_recipe(pretrain.PretrainConfig())
   c.seq_len = c.base.seq_len
   c.world_chunks = 3  # T wake chunks used (<= base.world.n_chunks)
@@ -139,7 +146,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
                                           metric="em", rows="all", in_context=False,
                                           kl_prompts=50, kl_new_tokens=16, known_facts=""))
 
-  if variant == "default":
+  if variant == "base_r":
     pass
   elif variant == "full":
     # The continual variant's stream (5 chunks) with every method: one workdir holds both.
@@ -154,7 +161,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity"):
+  elif variant in ("recall", "capacity", "default"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -165,14 +172,23 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant == "capacity":
+    if variant in ("capacity", "default"):
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
-      # deep sleep into level 1 lost a third of what the fast level held at this step budget).
+      # deep sleep into level 1 lost a third of what the fast level held at this step budget);
+      # the fifteenth's: a gate with a hidden layer that tells new people from known ones, shut
+      # over every position of an anchor, and twice the anchors (every known person but the
+      # probe's): a stream that keeps what it stored and the base's reading skill.
       c.methods = ("base", "in_context", "sft", "sft_questions", "sleep_no_dream", "sleep")
       c.seeds = (0, 1, 2)
-      c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 5.0, 1.0
+      c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
+      c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
+    if variant == "default":  # 2 chunks: the six methods in about 10 minutes on 2 cores
+      c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
+      # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
+      # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
+      c.model_slots, c.model_gate_hidden = 16, 16
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with

@@ -56,7 +56,7 @@ HELP = {
 
 
 def get_config(variant: str = "needles") -> ml_collections.ConfigDict:
-  c = knowledge.get_config("default")
+  c = knowledge.get_config("base_r")
   c.base = knowledge._base_recipe(stream_recipe())
   c.seq_len = c.base.seq_len
   c.seeds = (0, 1, 2)

@@ -44,8 +44,8 @@ Metrics = dict
 def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float, lam: float,
                            divergence: str = "fkl", divergence_kwargs: Optional[dict] = None,
                            temperature: float = 1.0, advantage: str = "reinforce",
-                           ce_weight: float = 0.0, gate_weight: float = 0.0
-                           ) -> Tuple[jax.Array, Metrics]:
+                           ce_weight: float = 0.0, gate_weight: float = 0.0,
+                           gate_positions: str = "answer") -> Tuple[jax.Array, Metrics]:
   """L = -J_KS + beta CE + eta G = alpha [(1 - lam) F_D + lam F_S] + (1 - alpha) L_PG
   + beta CE(a*|x) + eta G(y).
 
@@ -58,8 +58,13 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
   distributions over those N + 1 positions are computed: the prompt's enter no term. With
   ``ce_weight > 0``: ``gold_tokens, gold_valid`` (student prompt + a supported answer) and
   ``gold_answer_mask`` (the answer window). With ``gate_weight > 0``: ``gate_target`` (B,)
-  and ``gate_slots`` (n_levels, S) for ``gate_loss`` on the first side present.
+  and ``gate_slots`` (n_levels, S) for ``gate_loss`` on the first side present, at the
+  positions that predict the completion (``gate_positions="answer"``) or, for anchor items, at
+  every real position (``"anchor_all"``: the slot stays shut over the whole unrelated input, not
+  only where it answers; new items still open it where they answer).
   """
+  if gate_positions not in ("answer", "anchor_all"):
+    raise ValueError(f"gate_positions must be 'answer' or 'anchor_all', got {gate_positions!r}")
   del rng
   data, start, gates = {}, {}, None
   for side in ("off", "on"):
@@ -75,7 +80,13 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
     pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
     data[side] = DistillBatch(logits, t_logits, pmask)
     if want_gates:
-      gates = (out[2], pmask)
+      # The gate mask spans every position: zeros before the completion's predictors.
+      gmask = jnp.concatenate([jnp.zeros((pmask.shape[0], start[side]), bool),
+                               pmask.astype(bool)], 1)
+      if gate_positions == "anchor_all":
+        anchor = (batch["gate_target"] < 0.5)[:, None]
+        gmask = jnp.where(anchor, batch[f"{side}_valid"].astype(bool), gmask)
+      gates = (out[2], gmask)
   gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
                           data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
                           temperature=temperature, **(divergence_kwargs or {}))

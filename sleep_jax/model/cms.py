@@ -6,7 +6,7 @@ One CMS level of one layer computes (docs/method.md section 1)
 
 with dense-expert gates ``g`` (1 for a single always-on expert, else the router's softmax
 probability of the top-k experts, Switch-style and not renormalised so the router learns),
-slot gates ``s_s = sigmoid(w_s . x)`` and the slot mask ``m`` (data, not parameters). Slots do not
+slot gates ``s_s = sigmoid(w_s . x)`` (optionally with a hidden layer) and the slot mask ``m`` (data, not parameters). Slots do not
 compete in a softmax, so unlocking a slot whose ``B`` is zero leaves every output bit unchanged,
 and a masked slot is multiplied by an exact 0.0: it adds nothing and gets exactly zero gradient.
 
@@ -78,8 +78,16 @@ def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None
 
 
 def slot_scores(p, x):
-  """The slot gates s_s(x) = sigmoid(w_s . x), (B, T, S) in float32."""
-  return jax.nn.sigmoid((x @ p["slot_router"]).astype(jnp.float32))
+  """The slot gates s_s(x) = sigmoid(w_s . x [+ v_s . silu(U_s^T x)]), (B, T, S) in float32.
+
+  The bracketed hidden layer exists when the model has ``slot_gate_hidden`` > 0 (``slot_gate_u``
+  (S, d, h), ``slot_gate_v`` (S, h): each slot's own, trained with it; random features shared
+  by the slots and never trained kept fewer old facts); with v = 0 it is the linear gate."""
+  z = x @ p["slot_router"]
+  if "slot_gate_u" in p:
+    hid = jax.nn.silu(jnp.einsum("btd,sdh->btsh", x, p["slot_gate_u"]))
+    z = z + jnp.einsum("btsh,sh->bts", hid, p["slot_gate_v"])
+  return jax.nn.sigmoid(z.astype(jnp.float32))
 
 
 def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array]):

@@ -43,6 +43,10 @@ class ModelConfig:
   n_slots: int = 4  # pre-allocated low-rank expert slots per level (same for every level)
   slot_rank: int = 16  # r of each slot (A: d x r, B: r x d)
   slot_top_k: int = 0  # live slots routed per token; 0 = every live slot is on
+  # Hidden units of each slot's gate: 0 = the linear gate sigmoid(w . x); h > 0 adds
+  # v . silu(U^T x) (U: d x h, v zero at unlock), a gate that can tell apart inputs no
+  # hyperplane separates (the new people from the known ones at the answering position).
+  slot_gate_hidden: int = 0
   chunk_sizes: Tuple[int, ...] = (1, 1)  # C_l: level l's parameters change every C_l steps
 
   dtype: str = "float32"  # activation/compute dtype

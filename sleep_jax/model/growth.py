@@ -39,6 +39,8 @@ def _set_slot(lvl: dict, s, a, b, router_col) -> dict:
   lvl["slot_a"] = lvl["slot_a"].at[:, s].set(a)
   lvl["slot_b"] = lvl["slot_b"].at[:, s].set(b)
   lvl["slot_router"] = lvl["slot_router"].at[..., s].set(router_col)
+  if "slot_gate_v" in lvl:  # the gate's hidden layer starts silent (its U stays random)
+    lvl["slot_gate_v"] = lvl["slot_gate_v"].at[:, s].set(0.0)
   return lvl
 
 
@@ -75,6 +77,9 @@ def reset_level(params, slot_mask, level: int) -> Tuple[dict, jax.Array]:
   lvl["slot_a"] = jnp.where(live[None, :, None, None], 0.0, lvl["slot_a"]).astype(lvl["slot_a"].dtype)
   lvl["slot_b"] = jnp.where(live[None, :, None, None], 0.0, lvl["slot_b"]).astype(lvl["slot_b"].dtype)
   lvl["slot_router"] = jnp.where(live, 0.0, lvl["slot_router"]).astype(lvl["slot_router"].dtype)
+  if "slot_gate_v" in lvl:
+    lvl["slot_gate_v"] = jnp.where(live[None, :, None], 0.0, lvl["slot_gate_v"]).astype(
+        lvl["slot_gate_v"].dtype)
   return _replace_level(params, level, lvl), mask.at[level].set(False)
 
 
@@ -108,8 +113,31 @@ def allocate_slots(params, cfg: ModelConfig, n_slots: int):
     lvl["slot_a"] = pad(lvl.get("slot_a", jnp.zeros((L, S, d, r), dt)), 1)
     lvl["slot_b"] = pad(lvl.get("slot_b", jnp.zeros((L, S, r, d), dt)), 1)
     lvl["slot_router"] = pad(lvl.get("slot_router", jnp.zeros((L, d, S), dt)), 2)
+    for name in ("slot_gate_u", "slot_gate_v"):
+      if name in lvl:
+        lvl[name] = pad(lvl[name], 1)
     params = _replace_level(params, j, lvl)
   return params, dataclasses.replace(cfg, n_slots=int(n_slots))
+
+
+def add_slot_gates(params, cfg: ModelConfig, hidden: int):
+  """The same model with a hidden layer of ``hidden`` units in every slot's gate
+  (``cms.slot_scores``): U ~ N(0, 1/d) from a fixed key, v = 0, so the function is unchanged.
+  Returns ``(params, cfg)``; a model that already has such gates is returned as it is."""
+  if hidden <= 0 or cfg.slot_gate_hidden == hidden:
+    return params, cfg
+  if cfg.slot_gate_hidden:
+    raise ValueError(f"the model's slot gates already have {cfg.slot_gate_hidden} hidden units")
+  if cfg.n_slots == 0:
+    raise ValueError("slot gates need slots (model_slots > 0)")
+  L, d, S = cfg.n_layers, cfg.d_model, cfg.n_slots
+  dt = params["embed"].dtype
+  for j, key in enumerate(jax.random.split(jax.random.key(0), cfg.n_levels)):
+    lvl = dict(params["layers"][T.level_name(j)])
+    lvl["slot_gate_u"] = (jax.random.normal(key, (L, S, d, hidden)) * d ** -0.5).astype(dt)
+    lvl["slot_gate_v"] = jnp.zeros((L, S, hidden), dt)
+    params = _replace_level(params, j, lvl)
+  return params, dataclasses.replace(cfg, slot_gate_hidden=int(hidden))
 
 
 def slot_trainable_mask(params, level: int, slot: int):

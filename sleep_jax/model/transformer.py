@@ -74,6 +74,10 @@ def _param_table(cfg: ModelConfig):
       # A is random so an unlocked slot can learn; B is zero so unlocking preserves the function.
       lvl["slot_a"] = ((L, S, d, r), ("layers", "slots", "embed", "rank"), normal(d ** -0.5))
       lvl["slot_b"] = ((L, S, r, d), ("layers", "slots", "rank", "embed"), ("zeros",))
+      if cfg.slot_gate_hidden > 0:  # the gate's hidden layer (cms.slot_scores); v = 0 at unlock
+        h = cfg.slot_gate_hidden
+        lvl["slot_gate_u"] = ((L, S, d, h), ("layers", "slots", "embed", "rank"), normal(d ** -0.5))
+        lvl["slot_gate_v"] = ((L, S, h), ("layers", "slots", "rank"), ("zeros",))
     t["layers"][level_name(j)] = lvl
   return t
 
@@ -221,7 +225,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
           logits_from: int = 0, return_gates: bool = False):
   """Logits for ``tokens`` (B, T). Returns ``(logits, new_cache)`` (``new_cache`` is None
   without a cache); with ``return_gates`` ``(logits, new_cache, gates)``, ``gates[j]`` the slot
-  gates ``s_s(x)`` of CMS level j (L, B, T - logits_from, S) for every level with slots.
+  gates ``s_s(x)`` of CMS level j (L, B, T, S) for every level with slots.
 
   Args:
     slot_mask: (n_levels, n_slots) bool; which low-rank slots are live. Default: none.
@@ -299,7 +303,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
       if return_gates:
         y, g = y
         if g is not None:
-          gates[j] = g[:, logits_from:]
+          gates[j] = g
       h = constrain(h + y, ("batch", "length", "embed"))
     return h, (new_kv, gates) if return_gates else new_kv
 

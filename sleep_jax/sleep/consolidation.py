@@ -90,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.anchor_prompts = 0
   c.value_anchors = 0  # more anchors: known people whose answer is a value of the new chunk
   c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
+  # Where the gate term acts: "answer" (the positions that predict an answer) or "anchor_all"
+  # (also every position of an anchor item: shut over the whole unrelated input).
+  c.gate_positions = "answer"
   return c
 
 
@@ -188,6 +191,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     if gate_targets is None or len(gate_targets) != n_items:
       raise ValueError("consolidation.gate_weight > 0 needs a gate target per item")
     hparams["gate_weight"] = gate_weight
+    if kcfg.get("gate_positions", "answer") != "answer":
+      hparams["gate_positions"] = kcfg.gate_positions
     gate_slots = jnp.asarray(student.slot_mask) & ~jnp.asarray(teachers[0].slot_mask)
   make_loss = lambda: build_loss(kcfg.objective, cfg=student.cfg, **hparams)
   make_loss()

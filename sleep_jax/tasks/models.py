@@ -36,9 +36,12 @@ def base_recipe(config) -> pretrain.PretrainConfig:
 
 def _with_slots(config, params, cfg):
   """``config.model_slots`` > 0: that many pre-allocated (masked) slots per CMS level, so sleeps
-  that unlock several slots each fit in the stream; the base's function is unchanged."""
+  that unlock several slots each fit in the stream; ``config.model_gate_hidden`` > 0: gates with
+  a hidden layer. The base's function is unchanged."""
   n = int(config.get("model_slots", 0))
-  return growth.allocate_slots(params, cfg, n) if n else (params, cfg)
+  params, cfg = growth.allocate_slots(params, cfg, n) if n else (params, cfg)
+  # ``model_gate_hidden`` > 0: every slot's gate gets a hidden layer (silent until trained).
+  return growth.add_slot_gates(params, cfg, int(config.get("model_gate_hidden", 0)))
 
 
 def load(config, workdir: str, log=print) -> Model:
