@@ -122,6 +122,24 @@ def test_documents_file_runs_end_to_end(tmp_path, base_cache):
   assert ans[0]["gold"] == ["1950", "in 1950"] and isinstance(ans[0]["pred"], str)
 
 
+def test_gated_capacity_sleep_runs_end_to_end(tmp_path, base_cache):
+  """The capacity levers through the driver: added slots with hidden-layer gates, anchors and
+  the gate term over every anchor position; the gate's metrics reach the training log."""
+  c = _config(base_cache, methods=("sleep_no_dream",))
+  k = c.consolidation
+  c.model_slots, c.model_gate_hidden, k.slots, c.world_chunks = 4, 4, 2, 1
+  k.gate_weight, k.gate_positions, k.anchor_prompts = 1.0, "anchor_all", 4
+  res = cycle.run_experiment(c, str(tmp_path / "run"), log=lambda *_: None)
+  assert res["methods"]["sleep_no_dream"]["seeds"]["0"]["answers"]
+  with open(tmp_path / "run" / "runs" / "sleep_no_dream" / "seed_0" / "train_log.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  gated = [r for r in rows if "consolidation/gate_loss" in r]
+  assert len(gated) == k.steps  # every consolidation step
+  # A batch without an anchor item reports 0 for the anchors' mean gate.
+  assert all(0.0 <= r["consolidation/gate_on_anchor"] < 1.0 for r in gated)
+  assert all(0.0 < r["consolidation/gate_on_new"] < 1.0 for r in gated)
+
+
 @pytest.mark.parametrize("line,msg", [
     ("{not json", "bad.jsonl:2: not valid JSON"),
     ('{"id": 1, "passage": "x"}', "bad.jsonl:2: 'questions' must be a non-empty list"),

@@ -39,7 +39,7 @@ HELP = {
     "continued": "the many-passage regime: 4 paraphrased passages per new person",
     "continual": "the continual-learning stream: 5 chunks, 3 seeds, accuracy matrices",
     "recall": "a base that recalls its own facts, with the storage levers (~8 min)",
-    "capacity": "recall with 8 slots per sleep, gate, replay, one fast level; 3 seeds (~30 min)",
+    "capacity": "recall with 8 slots per sleep, hidden-layer gate, replay, one fast level; 3 seeds",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
