@@ -6,9 +6,10 @@ One CMS level of one layer computes (docs/method.md section 1)
 
 with dense-expert gates ``g`` (1 for a single always-on expert, else the router's softmax
 probability of the top-k experts, Switch-style and not renormalised so the router learns),
-slot gates ``s_s = sigmoid(w_s . x)`` (optionally with a hidden layer) and the slot mask ``m`` (data, not parameters). Slots do not
-compete in a softmax, so unlocking a slot whose ``B`` is zero leaves every output bit unchanged,
-and a masked slot is multiplied by an exact 0.0: it adds nothing and gets exactly zero gradient.
+slot gates ``s_s = sigmoid(w_s . x)`` (optionally with a hidden layer, ``slot_scores``) and the
+slot mask ``m`` (data, not parameters). Slots do not compete in a softmax, so unlocking a slot
+whose ``B`` is zero leaves every output bit unchanged, and a masked slot is multiplied by an
+exact 0.0: it adds nothing and gets exactly zero gradient.
 
 Sparse routing and the dreaming switch: with ``n_experts > expert_top_k`` (or ``slot_top_k > 0``)
 only the top-k experts (slots) run per token; ``route_rng`` additionally turns on one uniformly

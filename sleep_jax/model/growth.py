@@ -141,12 +141,16 @@ def add_slot_gates(params, cfg: ModelConfig, hidden: int):
 
 
 def slot_trainable_mask(params, level: int, slot: int):
-  """Elementwise bool pytree: True only on slot ``slot`` of level ``level`` (A, B, router column)."""
+  """Elementwise bool pytree: True only on slot ``slot`` of level ``level`` (A, B, router column,
+  and its gate's hidden layer)."""
   out = jax.tree.map(lambda x: np.zeros(x.shape, bool), params)
   lvl = out["layers"][T.level_name(level)]
   lvl["slot_a"][:, slot] = True
   lvl["slot_b"][:, slot] = True
   lvl["slot_router"][..., slot] = True
+  for name in ("slot_gate_u", "slot_gate_v"):  # the gate's hidden layer, when the model has one
+    if name in lvl:
+      lvl[name][:, slot] = True
   return out
 
 
