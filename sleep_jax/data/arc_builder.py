@@ -21,7 +21,6 @@ dream-generator tasks and the held-out tasks of ``arc.generated_split``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -54,9 +53,7 @@ def config_name(cfg: ArcConfig) -> str:
 
 class ArcBuilderConfig(tfds.core.BuilderConfig):
   def __init__(self, arc_cfg: ArcConfig = ArcConfig(), **kwargs):
-    kwargs.setdefault("name", config_name(arc_cfg))
-    kwargs.setdefault("description", json.dumps(dataclasses.asdict(arc_cfg), sort_keys=True))
-    super().__init__(**kwargs)
+    super().__init__(**builders.config_kwargs(arc_cfg, config_name(arc_cfg), kwargs))
     self.arc = arc_cfg
 
 

@@ -13,7 +13,6 @@ live side by side under one ``data_dir``:
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Dict, Iterable, List, Tuple
 
 import tensorflow_datasets as tfds
@@ -41,9 +40,7 @@ def config_name(cfg: ArithConfig) -> str:
 
 class ArithBuilderConfig(tfds.core.BuilderConfig):
   def __init__(self, arith_cfg: ArithConfig = ArithConfig(), **kwargs):
-    kwargs.setdefault("name", config_name(arith_cfg))
-    kwargs.setdefault("description", json.dumps(dataclasses.asdict(arith_cfg), sort_keys=True))
-    super().__init__(**kwargs)
+    super().__init__(**builders.config_kwargs(arith_cfg, config_name(arith_cfg), kwargs))
     self.arith = arith_cfg
 
 

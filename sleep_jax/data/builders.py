@@ -107,6 +107,14 @@ def config_hash(cfg) -> str:
   return hashlib.sha1(blob).hexdigest()[:10]
 
 
+def config_kwargs(cfg, name: str, kwargs: dict) -> dict:
+  """A ``tfds.core.BuilderConfig``'s keyword arguments for a dataclass config: ``name`` and a
+  JSON ``description`` of every field, unless the caller gave its own."""
+  kwargs.setdefault("name", name)
+  kwargs.setdefault("description", json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+  return kwargs
+
+
 def prepare(builder_cls: Type[TextRecordsBuilder], data_dir: str, **kwargs) -> TextRecordsBuilder:
   """Instantiates the builder and writes its files unless they already exist."""
   builder = builder_cls(data_dir=data_dir, **kwargs)

@@ -22,9 +22,7 @@ different worlds live side by side under one ``data_dir``:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import tensorflow_datasets as tfds
 
@@ -43,9 +41,7 @@ class WorldBuilderConfig(tfds.core.BuilderConfig):
   """A ``BuilderConfig`` carrying the ``WorldConfig`` (seed and population sizes)."""
 
   def __init__(self, world: world_lib.WorldConfig = world_lib.WorldConfig(), **kwargs):
-    kwargs.setdefault("name", config_name(world))
-    kwargs.setdefault("description", json.dumps(dataclasses.asdict(world), sort_keys=True))
-    super().__init__(**kwargs)
+    super().__init__(**builders.config_kwargs(world, config_name(world), kwargs))
     self.world = world
 
 
