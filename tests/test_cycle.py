@@ -204,3 +204,39 @@ def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
   a = reference("sleep_no_dream")
   assert a["params_sha1"] == b["params_sha1"] and a["R"] == b["R"]
   _same_curves(reference, work, "sleep_no_dream")  # killed after the commit, before the save
+
+
+def test_written_regime_gives_the_task_questions_to_no_method(tmp_path, base_cache, monkeypatch):
+  """``knowledge.py:written``'s settings through the driver: consolidation's items are one
+  ``Q: <name>`` per passage (no task question) and the questions of Sleep's accepted dreams,
+  written and tried before consolidation."""
+  from sleep_jax.sleep import phases
+  from sleep_jax.tasks import make_setup
+  c = _config(base_cache, methods=("sleep",))
+  w = knowledge.get_config("written")
+  c.consolidation.prompt_template = w.consolidation.prompt_template
+  c.consolidation.ce_weight = 0.0
+  for key in ("templates", "stage", "tau_target", "trial_view", "qa_items", "sft_context"):
+    c.dreaming[key] = w.dreaming[key]
+  c.dreaming.max_new_tokens, c.world_chunks = 8, 1
+  seen = {}
+  original = phases._consolidate
+
+  def spy(st, ctx, teacher, student, *args, **kwargs):
+    seen.setdefault(ctx.name, []).extend(student)
+    return original(st, ctx, teacher, student, *args, **kwargs)
+
+  monkeypatch.setattr(phases, "_consolidate", spy)
+  res = cycle.run_experiment(c, str(tmp_path / "run"), log=lambda *_: None)
+  setup = make_setup(c, str(tmp_path / "run"), log=lambda *_: None)
+  questions = {q.q for d in setup.chunks[0] for q in d.train_questions}
+  titles = {d.title for d in setup.chunks[0]}
+  # One item per passage (what sleep_no_dream distils), then the model's own questions (which
+  # may match a training wording: the base learnt the world's wordings in pretraining).
+  texts = [setup.tok.decode(p) for p in seen["sleep"][:len(titles)]]
+  assert not any(q in x for q in questions for x in texts)
+  assert {x.strip() for x in texts} == {f"Q: {t}" for t in titles}
+  info = res["methods"]["sleep"]["seeds"]["0"]["info"][0]
+  assert info["dreams_accepted"] > 0  # the test config accepts every tried dream
+  assert info["dream_training_items"] == info["dream_qa_pairs"]
+  assert len(seen["sleep"]) == len(titles) + info["dream_training_items"]

@@ -82,3 +82,60 @@ def test_title_templates_and_query_format_student_prompts():
   student = dream_phase.template_student_prompts(fmt, docs, templates, [3, 2, -1])
   assert w.tokenizer.decode(student[0]).strip() == f"Q: {p.first} {p.last}"
   assert student[1] == fmt.bos() and student[2] == fmt.bos()  # "{context}" alone: bos
+
+
+def test_closed_book_view_hides_exactly_the_passage():
+  """Dreams from a ``{title}`` template are tried closed-book: of the prompt only bos and the
+  template's question opening stay visible, so with positions counted over visible tokens the
+  row reads exactly as the student's ``Q: <title>`` + the dream; a template without
+  ``{title}`` is refused."""
+  import numpy as np
+  import pytest
+  from sleep_jax.data import world as world_lib
+  from sleep_jax.sleep import dream_batches, dream_phase
+  from sleep_jax.tasks import pretrain
+  w = world_lib.World(pretrain.runlocal().world)
+  fmt = documents.WorldFormat(w.tokenizer)
+  docs = documents.world_documents(w, w.chunk(0)[:2])
+  templates = {"question": "{context} Q: {title}"}
+  prompts = task_lib.dream_prompts(types.SimpleNamespace(fmt=fmt), docs, templates)
+  comps = [w.tokenizer.encode("was born in which year? A: 1950"), w.tokenizer.encode("A: x")]
+  dreams = dream_batches.fixed_dreams(prompts, comps, w.tokenizer.pad_id)
+  view = dream_phase.closed_book_view(fmt, docs, templates)(dreams, np.array([0, 1]))
+  toks, valid = np.asarray(view.tokens), np.asarray(view.valid)
+  for r, (d, c) in enumerate(zip(docs, comps)):
+    assert toks[r][valid[r]].tolist() == fmt.dream_prompt("", templates["question"], d.title) + c
+  assert np.array_equal(np.asarray(view.completion_mask), np.asarray(dreams.completion_mask))
+  with pytest.raises(ValueError, match="trial_view='closed_book'"):
+    dream_phase.closed_book_view(fmt, docs, {"continue": "{context}"})
+
+
+def test_dreams_as_rows_take_a_prefix_per_row():
+  """sft_selfgen studies a dream written after ``Q: <name>`` after that opening: per-row
+  prefixes, loss from the end of each prefix."""
+  import numpy as np
+  from sleep_jax.sleep import dream_batches, phases
+  dreams = dream_batches.fixed_dreams([[1, 9, 9], [1, 8]], [[5, 6], [7]], 0)
+  out = phases.dreams_as_rows(dreams, [[1, 4, 4], [1]], 8, 0)
+  assert np.asarray(out["tokens"])[:, :4].tolist() == [[1, 4, 4, 5], [1, 7, 0, 0]]
+  assert np.asarray(out["loss_mask"])[0, :6].tolist() == [False] * 3 + [True] * 2 + [False]
+  single = phases.dreams_as_rows(dreams, [1], 8, 0)
+  assert np.asarray(single["tokens"])[:, :3].tolist() == [[1, 5, 6], [1, 7, 0]]
+
+
+def test_fact_coverage_counts_the_passage_facts_a_dream_answers():
+  q = documents.Question
+  docs = [documents.Document("a", "P1", (q("Who?", "Oda Felk"), q("When?", "1851")), ()),
+          documents.Document("b", "P2", (q("Where?", "Kiev"),), (q("Where else?", "Kiev"),))]
+  triples = [("P1", "Who designed it?", "oda felk."), ("P2", "When?", "1851")]
+  assert dream_qa.fact_coverage(triples, docs) == 1 / 3  # 1851 is P1's fact, not P2's
+  assert dream_qa.fact_coverage([], docs) == 0.0
+
+
+def test_focused_documents_read_each_sentence_again_last():
+  doc = documents.Document("k", PASSAGE, (), (), title="Korrin")
+  docs, originals = dream_qa.focused_documents([doc], "sentences")
+  assert [d.passage for d in docs] == [f"{PASSAGE} The Korrin engine was designed by Oda Felk "
+                                       "in 1851.", f"{PASSAGE} It had three cylinders."]
+  assert originals == [PASSAGE, PASSAGE] and {d.title for d in docs} == {"Korrin"}
+  assert dream_qa.focused_documents([doc]) == ([doc], [PASSAGE])

@@ -7,6 +7,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
 * ``default``  the README's main job: the six main methods, one seed, on the shipped base that
                recalls its own facts, with the levers that make a sleep store a chunk (8 slots
                per sleep, the gate, replay, one fast level; about 10 minutes on 2 CPU cores);
+* ``written``  the main job with none of the task's questions given to any method: consolidation
+               distils one item per passage and Sleep's dreams are the study questions;
 * ``base_r``   the first wave's main job: the shipped base R (which never learnt closed-book
                recall) and one slot per sleep; ``full``, ``continued`` and ``continual`` use it;
 * ``full``     ``experiments/knowledge_incorporation``: every method and ablation, 3 seeds, the
@@ -40,6 +42,7 @@ HELP = {
     "continual": "the continual-learning stream: 5 chunks, 3 seeds, accuracy matrices",
     "recall": "a base that recalls its own facts, with the storage levers (~8 min)",
     "capacity": "recall with 8 slots per sleep, hidden-layer gate, replay, one fast level; 3 seeds",
+    "written": "the main job with none of the task's questions: dreams are the study questions",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
@@ -161,7 +164,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity", "default"):
+  elif variant in ("recall", "capacity", "default", "written"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -172,7 +175,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant in ("capacity", "default"):
+    if variant in ("capacity", "default", "written"):
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
       # deep sleep into level 1 lost a third of what the fast level held at this step budget);
@@ -184,11 +187,29 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant == "default":  # 2 chunks: the six methods in about 10 minutes on 2 cores
+    if variant in ("default", "written"):  # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
       c.model_slots, c.model_gate_hidden = 16, 16
+    if variant == "written":
+      # None of the task's questions reach any method: every learner gets the passages only.
+      # Consolidation distils one item per document, "<passage> Q: <name>" -> "Q: <name>"
+      # (the teacher writes its own question and answer); Sleep's dreams are questions the
+      # model writes about the passage, tried closed-book against questions it wrote itself
+      # (tau), and the accepted ones join consolidation's items in the same steps.
+      k.prompt_template, k.ce_weight, k.teacher_samples = "{context} Q: {title}", 0.0, 4
+      d = c.dreaming
+      d.templates = {"question": "{context} Q: {title}"}
+      d.stage, d.tau_target, d.trial_view, d.qa_items = "before", "written", "closed_book", True
+      d.sft_context = "prompt"
+      # 12 dreams per passage and round, every one tried (the top-k cut kept the few facts the
+      # model likes to ask about: 29% of the facts covered against 56%, README sixteenth
+      # session), tau over 12 written questions per passage (a trial can only show a gain on a
+      # fact tau asks about); fewer anchors than the question-fed main job's 700, which would
+      # outnumber the ~250 new items.
+      d.m, d.k, d.b, d.tau_samples, k.anchor_prompts = 240, 192, 48, 12, 300
+      c.methods = MAIN_METHODS + ("sft_selfgen",)
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with

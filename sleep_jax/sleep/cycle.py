@@ -36,7 +36,7 @@ from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.sleep_state import SleepState
 
 PHASES = ("wake", "consolidation", "dreaming", "deep", "eval")
-PHASE_FNS = (phases.wake, phases.consolidate, dream_phase.dream, phases.deep_sleep,
+PHASE_FNS = (phases.wake, dream_phase.consolidate, dream_phase.dream, phases.deep_sleep,
              phases.evaluate)
 
 

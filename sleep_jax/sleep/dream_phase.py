@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,12 +41,43 @@ def task_batch(prompts, completions, stop_id: int, pad_id: int):
           "completion_mask": jnp.asarray(cm)}
 
 
-def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Generator):
-  """Dream prompts, tau's batch and the task-variant candidate dreams for ``docs``."""
+def written_questions(st: SleepState, ctx: Context, docs, dcfg, key):
+  """(teacher prompts, student prompts) of questions the waking model writes about ``docs``
+  with the first dream template, ``dcfg.tau_samples`` per document (no random expert, no
+  generator), de-duplicated: the teacher reads the passage, the student is asked closed-book."""
   s = ctx.setup
-  prompts = task_lib.dream_prompts(s, docs, dcfg.templates)
+  tpl = dict(list(dcfg.templates.items())[:1])
+  prompts = task_lib.dream_prompts(s, docs, tpl)
+  out = dreaming.sample_dreams(st.params, s.cfg, st.slot_mask, prompts, key,
+                               int(dcfg.tau_samples) * len(prompts), int(dcfg.max_new_tokens),
+                               float(dcfg.temperature), False, stop_tokens=s.fmt.stop_ids,
+                               pad_id=s.tok.pad_id)
+  toks, cm = np.asarray(out.tokens), np.asarray(out.completion_mask, bool)
+  dreams = [(r[c_].tolist(), i % len(prompts)) for i, (r, c_) in enumerate(zip(toks, cm))]
+  texts, passages = _dream_texts(s.tok, docs, tpl, dreams)
+  items = list(dict.fromkeys((p, q, "") for x, p in zip(texts, passages)
+                             for q, _ in dream_qa.parse_qa_pairs(x)))
+  return dream_qa.qa_items(s.fmt, items) if items else ([], [])
+
+
+def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Generator, key=None,
+                 dream_docs=None):
+  """Dream prompts (from ``dream_docs``, by default ``docs``), tau's batch and the task-variant
+  candidate dreams for ``docs``."""
+  s = ctx.setup
+  prompts = task_lib.dream_prompts(s, docs if dream_docs is None else dream_docs,
+                                   dcfg.templates)
   student = task_lib.student_prompts(s, docs)
-  if dcfg.tau_target == "gold":
+  if dcfg.tau_target == "written":
+    # tau without any of the task's questions: the model's own questions about the passages,
+    # answered by the model reading them; the score is the closed-book likelihood of those.
+    teacher, student = written_questions(st, ctx, docs, dcfg, jax.random.fold_in(key, 5))
+    if not student:  # nothing parsed: what the reader says after each template prompt
+      teacher, student = task_lib.template_items(s, docs, list(dcfg.templates.values())[0])
+    comps = qa_eval.greedy_completions(
+        st.params, s.cfg, teacher, max_new_tokens=int(ctx.config.eval.max_new_tokens),
+        stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, slot_mask=st.slot_mask)
+  elif dcfg.tau_target == "gold":
     # tau on the known answers of the wake questions (ARC: leave-one-out demonstrations).
     comps = [s.tok.encode(q.answer) for d in docs for q in d.train_questions]
   else:
@@ -63,28 +95,66 @@ def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Genera
   return prompts, tau, cand
 
 
-def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = None):
-  """Dreaming on ``docs``; for chunk ``t`` (not the generator's training) under a progress bar
-  with one point per round on the training curves."""
+def closed_book_view(fmt, docs, templates):
+  """``trial_view`` of dreams written from ``"{context} ... {title}"`` templates: the passage
+  is hidden (``valid`` False; positions count visible tokens only), so scoring and the trials
+  read each dream exactly as bos + the template's question opening (``Q: <title>``) + the dream:
+  the closed-book format it is consolidated and asked in."""
+  tpls, bos = list(templates.values()), fmt.bos()
+  keep = []  # per prompt: its trailing tokens that stay visible
+  for d in docs:
+    for tpl in tpls:
+      full, tail = fmt.dream_prompt(d.passage, tpl, d.title), fmt.dream_prompt("", tpl, d.title)
+      tail = tail[len(bos):]
+      if "{title}" not in tpl or full[len(full) - len(tail):] != tail:
+        raise ValueError(f"dreaming.trial_view='closed_book' needs templates that end in a "
+                         f"question's opening with {{title}}; got {tpl!r}")
+      keep.append(len(tail))
+
+  def view(dreams: dreaming.Dreams, prompt_index) -> dreaming.Dreams:
+    valid = np.array(dreams.valid, bool)
+    prompt = valid & ~np.asarray(dreams.completion_mask, bool)
+    for r, pi in enumerate(prompt_index):
+      if pi >= 0:
+        pos = np.flatnonzero(prompt[r])
+        valid[r, pos[len(bos):len(pos) - keep[pi]]] = False
+    return dreams._replace(valid=jnp.asarray(valid))
+
+  return view
+
+
+def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = None,
+           dream_docs=None):
+  """Dreaming on ``docs`` (dreams written from ``dream_docs``, by default ``docs``); for chunk
+  ``t`` (not the generator's training) under a progress bar with one point per round on the
+  training curves."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
-  prompts, tau, cand = dream_inputs(st, ctx, docs, dcfg, rng_np)
+  prompts, tau, cand = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
+  docs = docs if dream_docs is None else dream_docs
+  if dcfg.trial_view not in ("as_written", "closed_book"):
+    raise ValueError(f"dreaming.trial_view={dcfg.trial_view!r}; valid: 'as_written', "
+                     "'closed_book'")
+  view = (closed_book_view(ctx.setup.fmt, docs, dcfg.templates)
+          if dcfg.trial_view == "closed_book" else None)
   run = lambda on_round: dreaming.dream(
       st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg, generator=st.generator,
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id, candidates=cand,
-      on_round=on_round)
+      on_round=on_round, trial_view=view)
   if t is None:
     return run(None)
   return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False)
 
 
-def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
-  """Dreams from the chunk's passages, isolated trials, ReST-EM; the accepted dreams train the
-  slot this sleep unlocked (SEAL, without consolidation: the existing weights)."""
+def _written_and_kept(st: SleepState, ctx: Context, t: int):
+  """The chunk's dreaming (rounds of write, score, select, try, ReST-EM) and what it wrote and
+  kept: (state with the generator, result, info, (passage, question, answer) triples of the
+  accepted question dreams, the documents the dreams were written from)."""
   m, c = ctx.method, ctx.config
-  if m.learn != "sleep" or m.dreaming is None:
-    return st, {}
-  res = _dream(st, ctx, ctx.setup.chunks[t], np.random.default_rng([ctx.seed, t, 17]),
-               ctx.key(t, "dreaming"), t)
+  dcfg = methods_lib.dreaming_config(m, c.dreaming)
+  docs = ctx.setup.chunks[t]
+  ddocs, originals = dream_qa.focused_documents(docs, dcfg.focus)
+  res = _dream(st, ctx, docs, np.random.default_rng([ctx.seed, t, 17]),
+               ctx.key(t, "dreaming"), t, dream_docs=ddocs)
   if not c.reset_between_chunks:
     st.generator = res.generator  # per-task reset: every task starts from the trained one
   ctx.hook("dreaming", t, 0)
@@ -95,22 +165,61 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
           "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
           "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
           if res.metrics else 0.0}
-  dcfg = methods_lib.dreaming_config(m, c.dreaming)
   triples = []
+  back = dict(zip((d.passage for d in ddocs), originals))
   # What was written and what was accepted, measured the same way: does selection keep the
   # dreams that are about the passage?
-  measure = dream_qa.quality if "qa" in dcfg.templates else dream_qa.continuation_quality
-  n_tpl = len(dcfg.templates)
-  texts, passages = _dream_texts(ctx, t, n_tpl, res.written)
+  qa = "qa" in dcfg.templates or bool(dcfg.qa_items)
+  measure = dream_qa.quality if qa else dream_qa.continuation_quality
+  texts, passages = _dream_texts(ctx.setup.tok, ddocs, dcfg.templates, res.written)
+  passages = [back[p] for p in passages]
   info.update({f"written_{k}": v for k, v in measure(texts, passages).items()})
-  texts, passages = _dream_texts(ctx, t, n_tpl, [
+  texts, passages = _dream_texts(ctx.setup.tok, ddocs, dcfg.templates, [
       (r[c_].tolist(), int(pi)) for r, c_, pi in zip(
           np.asarray(res.dreams.tokens), np.asarray(res.dreams.completion_mask, bool),
           np.asarray(res.prompt_index))])
+  passages = [back[p] for p in passages]
   info.update(measure(texts, passages))
-  if "qa" in dcfg.templates:  # dreams asked to be questions about the passage
+  if qa:  # dreams asked to be questions about the passage
     triples = [(p, q, a) for x, p in zip(texts, passages) for q, a in dream_qa.parse_qa_pairs(x)]
     info["dream_qa_pairs"] = len(triples)
+    info["dream_fact_coverage"] = dream_qa.fact_coverage(triples, docs)
+  return st, res, info, triples, ddocs
+
+
+def _before(ctx: Context) -> bool:
+  """Whether this method's dreams are written before consolidation and distilled with it
+  (a method without consolidation, SEAL, trains its accepted dreams after, as always)."""
+  if not uses_generator(ctx.method):
+    return False
+  stage = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming).stage
+  if stage not in ("before", "after"):
+    raise ValueError(f"dreaming.stage={stage!r}; valid: 'before', 'after'")
+  return stage == "before" and ctx.method.consolidation is not None
+
+
+def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """The consolidation phase. With ``dreaming.stage = "before"`` the chunk's dreams come first:
+  the questions of the accepted ones (each answered by the model reading the passage) join the
+  items consolidation distils, in the same steps; otherwise ``phases.consolidate`` alone."""
+  if not _before(ctx):
+    return phases.consolidate(st, ctx, t)
+  st, _, info, triples, _ = _written_and_kept(st, ctx, t)
+  teacher, student = dream_qa.qa_items(ctx.setup.fmt, triples) if triples else ([], [])
+  st, out = phases.consolidate(st, ctx, t, extra=(teacher, student))
+  info["dream_training_items"] = len(teacher)
+  return st, {**info, **out}
+
+
+def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+  """Dreams from the chunk's passages, isolated trials, ReST-EM; the accepted dreams train the
+  slot this sleep unlocked (SEAL, without consolidation: the existing weights). Nothing here
+  with ``dreaming.stage = "before"`` (``consolidate`` did it)."""
+  m, c = ctx.method, ctx.config
+  if m.learn != "sleep" or m.dreaming is None or _before(ctx):
+    return st, {}
+  st, res, info, triples, ddocs = _written_and_kept(st, ctx, t)
+  dcfg = methods_lib.dreaming_config(m, c.dreaming)
   expands = m.consolidation is not None
   if len(res) == 0 or (st.slot == -1 and expands):
     return st, info
@@ -139,7 +248,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   teacher = [r[v & ~c_].tolist() for r, v, c_ in zip(toks, valid, cm)]
   student = [s.fmt.bos()] * len(res)
   if dcfg.get("student_prompt", "bos") == "template":
-    student = template_student_prompts(s.fmt, s.chunks[t], dcfg.templates, res.prompt_index)
+    student = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index)
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
   if dcfg.qa_items and triples:
     # The dream's questions in the query format: the model reading the passage answers each
@@ -168,13 +277,21 @@ def template_student_prompts(fmt, docs, templates, prompt_index) -> List[List[in
           if pi >= 0 else fmt.bos() for pi in (int(i) for i in prompt_index)]
 
 
-def _dream_texts(ctx: Context, t: int, n_templates: int, dreams):
+def _dream_texts(tok, docs, templates, dreams):
   """The text of each (completion tokens, prompt index) dream the model wrote (prompt index
-  >= 0: not an offered task variant) and the passage it was prompted with."""
-  docs = ctx.setup.chunks[t]
+  >= 0: not an offered task variant) about ``docs`` and the passage it was prompted with. A
+  template that ends in a question's opening (``"{context} Q: {title}"``) begins the dream's
+  text with it."""
+  tpls = list(templates.values())
   own = [(toks, pi) for toks, pi in dreams if pi >= 0]
-  return ([ctx.setup.tok.decode([int(x) for x in toks]) for toks, _ in own],
-          [docs[pi // n_templates].passage for _, pi in own])
+
+  def text(toks, pi):
+    head = tpls[pi % len(tpls)].split("{context}")[-1].format(title=docs[pi // len(tpls)].title)
+    body = tok.decode([int(x) for x in toks])
+    return f"{head.strip()} {body}".strip() if "{title}" in tpls[pi % len(tpls)] else body
+
+  return ([text(toks, pi) for toks, pi in own],
+          [docs[pi // len(tpls)].passage for _, pi in own])
 
 
 def uses_generator(method: methods_lib.Method) -> bool:

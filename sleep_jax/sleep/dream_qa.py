@@ -12,6 +12,7 @@ question closed-book — the query format the facts must be recalled in.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Dict, List, Sequence, Tuple
 
@@ -79,6 +80,33 @@ def continuation_quality(texts: Sequence[str], passages: Sequence[str]) -> Dict[
 def _trigrams(text: str) -> set:
   w = normalize_answer(text).split()
   return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+
+def focused_documents(docs, focus: str = "passage") -> tuple:
+  """(documents dreams are written from, the original passage of each). ``"passage"``: each
+  document as it is. ``"sentences"``: one per sentence of each passage, the whole passage
+  followed by that sentence again: a model asked about a passage writes about the few facts it
+  asks about first, and a question tends to be about what was read last, so the dreams reach
+  every fact. The teacher still reads the original passage."""
+  if focus not in ("passage", "sentences"):
+    raise ValueError(f"dreaming.focus={focus!r}; valid: 'passage', 'sentences'")
+  if focus == "passage":
+    return list(docs), [d.passage for d in docs]
+  out = [(dataclasses.replace(d, passage=f"{d.passage} {s}"), d.passage) for d in docs
+         for s in re.split(r"(?<=[.!?])\s+", d.passage.strip()) if s]
+  return [d for d, _ in out], [p for _, p in out]
+
+
+def fact_coverage(triples: Sequence[Tuple[str, str, str]], docs) -> float:
+  """Fraction of the documents' facts (the distinct answers of their questions; measurement
+  only, never training data) that some dream about the same passage answers: how much of the
+  passage the study questions reach."""
+  said: Dict[str, set] = {}
+  for passage, _, a in triples:
+    said.setdefault(passage, set()).add(normalize_answer(a))
+  facts = [(d.passage, normalize_answer(q.answer)) for d in docs
+           for q in {q.answer: q for q in d.train_questions + d.eval_questions}.values()]
+  return sum(a in said.get(p, ()) for p, a in facts) / len(facts) if facts else 0.0
 
 
 def qa_items(fmt, pairs_with_passages: Sequence[Tuple[str, str, str]]):

@@ -81,6 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
   # SFT context of a dream in scoring and trials: "prompt" = completion given its prompt;
   # "none" = the completion alone as standalone text (SEAL-style closed-book self-edit).
   c.sft_context = "prompt"
+  # How scoring and the trials read a dream: "as_written" (with its prompt, the passage) or
+  # "closed_book" (the passage hidden: bos + the template's question opening + the dream, the
+  # format it is consolidated and asked in; needs a ``{title}`` template, world documents).
+  c.trial_view = "as_written"
   # Isolated trials (step 4): one fresh LoRA per round, copied per kept dream.
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8
@@ -96,7 +100,17 @@ def default_config() -> ml_collections.ConfigDict:
   # tau's targets in the cycle driver: "self" = the in-context model's own answers to the wake
   # (train) questions (label-free); "gold" = their known answers (ARC's leave-one-out
   # demonstrations, whose outputs are part of the context C, not the held-out test).
+  # "written" = no task questions at all: questions the waking model writes about each passage
+  # with the first template (``tau_samples`` per passage), answered by the model reading it.
   c.tau_target = "self"
+  c.tau_samples = 4
+  # "after": dreaming follows consolidation and the accepted dreams train the new slot for
+  # ``dream_training`` steps; "before": dreaming comes first and the accepted dreams' questions
+  # join consolidation's items (the same steps; ``dream_phase.consolidate``).
+  c.stage = "after"
+  # What a dream is written from (``dream_qa.focused_documents``): "passage" (each document) or
+  # "sentences" (the passage with one of its sentences read again last, one per sentence).
+  c.focus = "passage"
   # Task-variant candidate dreams per task and round (tasks that have variants, e.g. ARC).
   c.variants = 0
   # ReST-EM on the dream generator (step 6): a generator LoRA that persists across rounds.
@@ -142,12 +156,15 @@ class Dreamer:
   def __init__(self, params, cfg: ModelConfig, config: ml_collections.ConfigDict, *,
                slot_mask=None, generator: Optional[Generator] = None, rng=None,
                task_score_fn: Callable = task_log_likelihood, stop_tokens: Sequence[int] = (),
-               pad_id: int = 0):
+               pad_id: int = 0, trial_view: Optional[Callable] = None):
     if config.score not in SCORE_RULES:
       raise ValueError(f"dreaming score {config.score!r}; valid: {SCORE_RULES}")
     self.params, self.cfg, self.config = params, cfg, config
     self.slot_mask = transformer.slot_mask_none(cfg) if slot_mask is None else slot_mask
     self.task_score_fn, self.stop_tokens, self.pad_id = task_score_fn, tuple(stop_tokens), pad_id
+    # ``trial_view(dreams, prompt_index) -> dreams``: how scoring and the trials read a dream
+    # (e.g. closed-book, its passage hidden); the generator learns from the dream as written.
+    self.trial_view = trial_view
     if generator is None:
       r = config.rest_em
       generator = init_generator(jax.random.key(0) if rng is None else rng, cfg, r.rank, r.alpha,
@@ -171,15 +188,20 @@ class Dreamer:
     dreams = written = as_dreams(out)
     if candidates is not None:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
+    view = dreams
+    if self.trial_view is not None:
+      _, _, row_prompt = prompt_batch(context_prompts, c.m, self.pad_id)
+      n_cand = dreams.tokens.shape[0] - c.m
+      view = self.trial_view(dreams, np.concatenate([row_prompt, np.full(n_cand, -1)]))
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
     lscale = lora_lib.scale(c.lora.alpha, c.lora.rank)
     parallel = int(c.parallel_dreams)
-    scores = score_dreams(self.params, cfg, self.slot_mask, lora0, dreams, task_batch, r_score,
+    scores = score_dreams(self.params, cfg, self.slot_mask, lora0, view, task_batch, r_score,
                           rule=c.score, lora_scale=lscale, task_score_fn=self.task_score_fn,
                           sft_context=c.sft_context, parallel=parallel)
     idx = select(scores, c.k, c.b, r_select)
     kept = take(dreams, idx)
-    trials = run_trials(self.params, cfg, self.slot_mask, lora0, kept, task_batch,
+    trials = run_trials(self.params, cfg, self.slot_mask, lora0, take(view, idx), task_batch,
                         inner_steps=c.inner_steps, inner_lr=c.inner_lr,
                         optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
                         task_score_fn=self.task_score_fn, sft_context=c.sft_context,
@@ -245,18 +267,21 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           generator: Optional[Generator] = None, task_score_fn: Callable = task_log_likelihood,
           stop_tokens: Sequence[int] = (), pad_id: int = 0,
           candidates: Optional[Dreams] = None,
-          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DreamResult:
+          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
+          trial_view: Optional[Callable] = None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
   Pass the returned ``generator`` back in to keep the ReST-EM generator across sleeps.
   ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``);
-  ``on_round``: called after each round with its scalar metrics (progress, training curves).
+  ``on_round``: called after each round with its scalar metrics (progress, training curves);
+  ``trial_view``: how scoring and the trials read the dreams (``Dreamer``).
   """
   config = default_config() if config is None else config
   if not config.enabled:
     return _empty_result(generator)
   r_gen, r_run = jax.random.split(rng)
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
-              task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id)
+              task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id,
+              trial_view=trial_view)
   return d.run(context_prompts, task_batch, r_run, candidates, on_round)

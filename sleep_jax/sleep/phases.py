@@ -121,9 +121,14 @@ def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
     bar.close()
 
 
-def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
+def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[SleepState, Metrics]:
   """Knowledge Seeding from the model that sees the passage into a new slot of CMS level 0 (the
-  SFT baselines fine-tune here instead)."""
+  SFT baselines fine-tune here instead).
+
+  The items are the task's wake questions, or with ``consolidation.prompt_template`` one item
+  per document in that template (the task's questions go to no method), plus ``extra``
+  (teacher prompts, student prompts): questions the model wrote about the passages
+  (``dream_phase.consolidate``), with no supported answer given."""
   m = ctx.method
   if m.learn == "sft":
     st.params = sft(st, ctx, t)
@@ -135,10 +140,19 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   docs = ctx.setup.chunks[t] + replayed_documents(ctx, t, float(kcfg.replay_fraction))
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + task_lib.value_anchors(
       ctx.setup, docs, int(kcfg.get("value_anchors", 0)), np.random.default_rng([ctx.seed, t]))
-  student = task_lib.student_prompts(ctx.setup, docs)
-  res = _consolidate(st, ctx, task_lib.teacher_prompts(ctx.setup, docs) + anchors,
-                     student + anchors, kcfg, t, "consolidation",
-                     golds=task_lib.gold_answers(ctx.setup, docs) + [[]] * len(anchors),
+  template = str(kcfg.get("prompt_template", ""))
+  if template:
+    teacher, student = task_lib.template_items(ctx.setup, docs, template)
+    golds = [[]] * len(student)
+  else:
+    teacher, student = (task_lib.teacher_prompts(ctx.setup, docs),
+                        task_lib.student_prompts(ctx.setup, docs))
+    golds = task_lib.gold_answers(ctx.setup, docs)
+  if extra is not None:
+    teacher, student = teacher + list(extra[0]), student + list(extra[1])
+    golds = golds + [[]] * len(extra[1])
+  res = _consolidate(st, ctx, teacher + anchors, student + anchors, kcfg, t, "consolidation",
+                     golds=golds + [[]] * len(anchors),
                      gate_targets=[1.0] * len(student) + [0.0] * len(anchors))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
@@ -220,7 +234,12 @@ def sft(st: SleepState, ctx: Context, t: int):
                                  ctx.key(t, "selfgen"), int(dcfg.m), int(dcfg.max_new_tokens),
                                  float(dcfg.temperature), bool(dcfg.random_expert),
                                  stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id)
-    extra = dreams_as_rows(dreaming.as_dreams(out), s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
+    # A dream written after "Q: <name>" is studied after it (the query format), others alone.
+    heads = [s.fmt.dream_prompt("", tpl, d.title) if "{title}" in tpl else s.fmt.bos()
+             for d in docs for tpl in dcfg.templates.values()]
+    extra = dreams_as_rows(dreaming.as_dreams(out), [heads[i % len(heads)]
+                                                     for i in range(int(dcfg.m))],
+                           int(c.seq_len), s.tok.pad_id)
     batch = {k: np.concatenate([batch[k], extra[k]]) for k in batch}
   return with_progress(ctx, t, "sft", int(c.sft.steps), lambda on_step: fit_lib.fit_rows(
       st.params, st.slot_mask, s.cfg, batch, state_lib.all_trainable(st.params),
@@ -230,8 +249,10 @@ def sft(st: SleepState, ctx: Context, t: int):
 
 def dreams_as_rows(dreams: dreaming.Dreams, prefix, seq_len: int, pad_id: int):
   """Dreams become closed-book training rows: ``prefix + completion`` (the passage that prompted
-  them is not shown, as in SEAL's self-edits), loss on the completion."""
+  them is not shown, as in SEAL's self-edits), loss on the completion. ``prefix``: one token
+  list for every row, or a list of them (one per row)."""
   toks = np.asarray(dreams.tokens)
   cm = np.asarray(dreams.completion_mask, bool)
-  rows = [list(prefix) + t[m].tolist() for t, m in zip(toks, cm)]
-  return task_lib.pad_rows(rows, [len(prefix)] * len(rows), seq_len, pad_id)
+  heads = prefix if prefix and isinstance(prefix[0], (list, tuple)) else [prefix] * len(toks)
+  rows = [list(h) + t[m].tolist() for h, t, m in zip(heads, toks, cm)]
+  return task_lib.pad_rows(rows, [len(h) for h in heads], seq_len, pad_id)

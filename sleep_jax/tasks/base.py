@@ -99,6 +99,15 @@ def gold_answers(setup: Setup, docs: Sequence[documents.Document]) -> List[List[
   return [setup.fmt.answer(q.answer) for d in docs for q in d.train_questions]
 
 
+def template_items(setup: Setup, docs: Sequence[documents.Document], template: str) -> tuple:
+  """(teacher prompts, student prompts), one item per document, for a consolidation that sees
+  none of the task's questions: the teacher reads ``template`` with the passage (e.g.
+  ``"{context} Q: {title}"``) and writes its own question and answer about the document's
+  entity; the student reads the template without the passage (``"Q: <title>"``)."""
+  return ([setup.fmt.dream_prompt(d.passage, template, d.title) for d in docs],
+          [setup.fmt.dream_prompt("", template, d.title) for d in docs])
+
+
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
   return [setup.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs
