@@ -181,6 +181,29 @@ def test_dreams_in_groups_equal_all_at_once(setup):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_trials_scored_on_their_own_passage(setup):
+  """``tau_scope="passage"``: each trial is scored on the tau rows of its own group, against the
+  base on those rows; an offered candidate (prompt -1) on every row. Reference: the same trial
+  function on the masked batch, one dream at a time."""
+  params, mask, dreams, task, lora0, _ = setup
+  n_rows = task["tokens"].shape[0]
+  row_group = np.arange(n_rows) % 2
+  n = dreams.tokens.shape[0]
+  masks = D.passage_masks(task, row_group, np.array([1, 0]), np.resize([0, 1, -1], n))
+  kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=DT.task_log_likelihood,
+            sft_context="prompt", **INNER)
+  out = DT.run_trials(params, CFG, mask, lora0, dreams, task, **kw, **masks)
+  cm = np.asarray(task["completion_mask"], bool)
+  for i, g in enumerate(np.asarray(masks["groups"])):
+    keep = cm & ((row_group == g)[:, None] if g < 2 else True)
+    t_i = {**task, "completion_mask": jnp.asarray(keep)}
+    ref = DT.run_trials_sequential(params, CFG, mask, lora0, DB.take(dreams, np.array([i])),
+                                   t_i, **kw)
+    np.testing.assert_allclose(out.scores[i], ref.scores[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out.base_score[i], ref.base_score, atol=1e-6, rtol=1e-6)
+    assert float(out.rewards[i]) == float(ref.scores[0] > ref.base_score)
+
+
 # ----------------------------------------------------------------------------------------------
 # ReST-EM.
 # ----------------------------------------------------------------------------------------------

@@ -209,6 +209,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # fact tau asks about); fewer anchors than the question-fed main job's 700, which would
       # outnumber the ~250 new items.
       d.m, d.k, d.b, d.tau_samples, k.anchor_prompts = 240, 192, 48, 12, 300
+      # Each trial judged on its own passage's tau questions (scored on all of tau, the gain
+      # of one dream was lost in the noise of the others: 23.9% stored against 38.5%).
+      d.tau_scope = "passage"
       c.methods = MAIN_METHODS + ("sft_selfgen",)
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),

@@ -42,9 +42,10 @@ def task_batch(prompts, completions, stop_id: int, pad_id: int):
 
 
 def written_questions(st: SleepState, ctx: Context, docs, dcfg, key):
-  """(teacher prompts, student prompts) of questions the waking model writes about ``docs``
-  with the first dream template, ``dcfg.tau_samples`` per document (no random expert, no
-  generator), de-duplicated: the teacher reads the passage, the student is asked closed-book."""
+  """(teacher prompts, student prompts, document index of each) of questions the waking model
+  writes about ``docs`` with the first dream template, ``dcfg.tau_samples`` per document (no
+  random expert, no generator), de-duplicated: the teacher reads the passage, the student is
+  asked closed-book."""
   s = ctx.setup
   tpl = dict(list(dcfg.templates.items())[:1])
   prompts = task_lib.dream_prompts(s, docs, tpl)
@@ -57,23 +58,27 @@ def written_questions(st: SleepState, ctx: Context, docs, dcfg, key):
   texts, passages = _dream_texts(s.tok, docs, tpl, dreams)
   items = list(dict.fromkeys((p, q, "") for x, p in zip(texts, passages)
                              for q, _ in dream_qa.parse_qa_pairs(x)))
-  return dream_qa.qa_items(s.fmt, items) if items else ([], [])
+  index = {d.passage: i for i, d in enumerate(docs)}
+  return (*dream_qa.qa_items(s.fmt, items), [index[p] for p, _, _ in items])
 
 
 def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Generator, key=None,
                  dream_docs=None):
-  """Dream prompts (from ``dream_docs``, by default ``docs``), tau's batch and the task-variant
-  candidate dreams for ``docs``."""
+  """Dream prompts (from ``dream_docs``, by default ``docs``), tau's batch, the task-variant
+  candidate dreams for ``docs`` and the document (index into ``docs``) of each tau row."""
   s = ctx.setup
   prompts = task_lib.dream_prompts(s, docs if dream_docs is None else dream_docs,
                                    dcfg.templates)
   student = task_lib.student_prompts(s, docs)
+  tau_doc = [i for i, d in enumerate(docs) for _ in d.train_questions]
   if dcfg.tau_target == "written":
     # tau without any of the task's questions: the model's own questions about the passages,
     # answered by the model reading them; the score is the closed-book likelihood of those.
-    teacher, student = written_questions(st, ctx, docs, dcfg, jax.random.fold_in(key, 5))
+    teacher, student, tau_doc = written_questions(st, ctx, docs, dcfg,
+                                                  jax.random.fold_in(key, 5))
     if not student:  # nothing parsed: what the reader says after each template prompt
       teacher, student = task_lib.template_items(s, docs, list(dcfg.templates.values())[0])
+      tau_doc = list(range(len(docs)))
     comps = qa_eval.greedy_completions(
         st.params, s.cfg, teacher, max_new_tokens=int(ctx.config.eval.max_new_tokens),
         stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, slot_mask=st.slot_mask)
@@ -92,7 +97,7 @@ def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Genera
     rows, _ = task_lib.variant_rows(s, docs, rng, n)
     b = s.fmt.bos()
     cand = dream_batches.fixed_dreams([b] * len(rows), [r[len(b):] for r in rows], s.tok.pad_id)
-  return prompts, tau, cand
+  return prompts, tau, cand, np.asarray(tau_doc, np.int32)
 
 
 def closed_book_view(fmt, docs, templates):
@@ -129,7 +134,14 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
   ``t`` (not the generator's training) under a progress bar with one point per round on the
   training curves."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
-  prompts, tau, cand = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
+  prompts, tau, cand, tau_doc = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
+  groups = None
+  if dcfg.tau_scope not in ("all", "passage"):
+    raise ValueError(f"dreaming.tau_scope={dcfg.tau_scope!r}; valid: 'all', 'passage'")
+  if dcfg.tau_scope == "passage":  # each trial on its own passage's tau questions
+    index = {d.id: i for i, d in enumerate(docs)}
+    groups = (tau_doc, np.asarray([index[d.id] for d in (dream_docs or docs)
+                                   for _ in dcfg.templates], np.int32))
   docs = docs if dream_docs is None else dream_docs
   if dcfg.trial_view not in ("as_written", "closed_book"):
     raise ValueError(f"dreaming.trial_view={dcfg.trial_view!r}; valid: 'as_written', "
@@ -139,7 +151,7 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
   run = lambda on_round: dreaming.dream(
       st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg, generator=st.generator,
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id, candidates=cand,
-      on_round=on_round, trial_view=view)
+      on_round=on_round, trial_view=view, task_groups=groups)
   if t is None:
     return run(None)
   return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False)

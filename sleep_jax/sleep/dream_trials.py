@@ -85,12 +85,12 @@ def _tree_dot_rows(g, h):
              for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(h)))
 
 
-def _per_dream(fn: Callable, dreams: Dreams, parallel: int):
-  """``fn(tokens, valid, cmask)`` for every dream: one ``jax.vmap`` (``parallel`` 0), or
-  ``lax.map`` over groups of ``parallel`` vmapped dreams. Each dream in flight holds a backward
-  pass of the model, so on a real model ``parallel`` bounds memory; shared work (``g_tau``,
-  ``tau(base)``) stays outside, computed once."""
-  xs = (dreams.tokens, dreams.valid, dreams.completion_mask)
+def _per_dream(fn: Callable, dreams: Dreams, parallel: int, *extra):
+  """``fn(tokens, valid, cmask, *extra)`` for every dream (``extra``: more per-dream arrays):
+  one ``jax.vmap`` (``parallel`` 0), or ``lax.map`` over groups of ``parallel`` vmapped dreams.
+  Each dream in flight holds a backward pass of the model, so on a real model ``parallel``
+  bounds memory; shared work (``g_tau``, ``tau(base)``) stays outside, computed once."""
+  xs = (dreams.tokens, dreams.valid, dreams.completion_mask) + tuple(extra)
   if parallel <= 0:
     return jax.vmap(fn)(*xs)
   return jax.lax.map(lambda x: fn(*x), xs, batch_size=parallel)
@@ -222,19 +222,33 @@ _TRIAL_STATIC = ("cfg", "inner_steps", "optimizer", "task_score_fn", "sft_contex
 def run_trials(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, *,
                inner_steps: int, inner_lr, optimizer: str = "adam", lora_scale=1.0, margin=0.0,
                task_score_fn: Callable = task_log_likelihood,
-               sft_context: str = "prompt", parallel: int = 0) -> TrialOutput:
+               sft_context: str = "prompt", parallel: int = 0, task_masks=None,
+               groups=None) -> TrialOutput:
   """All isolated trials at once: ``phi_i = SFT^{inner_steps}(phi_0; d_i)``, ``tau_i = tau(phi_i)``.
 
   One ``jax.vmap`` over dreams of the trial (a ``lax.fori_loop`` of optax steps) inside this one
   jitted function; ``params``, ``lora0`` and ``task_batch`` are unbatched (``in_axes=None``), so
   the frozen base is shared, not copied per dream (``parallel``: dreams per vmap). Rewards:
   ``r_i = 1[tau_i > tau(base) + margin]`` with ``tau(base)`` the model without adapter.
+
+  ``task_masks`` (G, B, T) and ``groups`` (n,): dream i is scored on the completion tokens
+  ``task_masks[groups[i]]`` only (e.g. the tau questions about its own passage), against the
+  base's score on the same tokens; ``base_score`` is then per dream (n,).
   """
   fn = functools.partial(_trial, inner_steps=inner_steps, optimizer=optimizer,
                          task_score_fn=task_score_fn, sft_context=sft_context)
-  one = lambda t, v, c: fn(params, cfg, slot_mask, lora0, t, v, c, task_batch, inner_lr, lora_scale)
-  adapted, scores = _per_dream(one, dreams, parallel)
-  base = task_score_fn(params, None, cfg, slot_mask, task_batch, lora_scale=lora_scale)
+  if task_masks is None:
+    one = lambda t, v, c: fn(params, cfg, slot_mask, lora0, t, v, c, task_batch, inner_lr,
+                             lora_scale)
+    adapted, scores = _per_dream(one, dreams, parallel)
+    base = task_score_fn(params, None, cfg, slot_mask, task_batch, lora_scale=lora_scale)
+    return TrialOutput(adapted, scores, base, rewards_from_scores(scores, base, margin))
+  with_mask = lambda m: {**task_batch, "completion_mask": m}
+  one = lambda t, v, c, g: fn(params, cfg, slot_mask, lora0, t, v, c,
+                              with_mask(task_masks[g]), inner_lr, lora_scale)
+  adapted, scores = _per_dream(one, dreams, parallel, groups)
+  base = jax.vmap(lambda m: task_score_fn(params, None, cfg, slot_mask, with_mask(m),
+                                          lora_scale=lora_scale))(task_masks)[groups]
   return TrialOutput(adapted, scores, base, rewards_from_scores(scores, base, margin))
 
 

@@ -97,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.parallel_dreams = 0
   # Reward (step 5).
   c.margin = 0.0  # r_i = 1[tau(adapted_i) > tau(base) + margin]
+  # "all": a trial is scored on all of tau; "passage": on tau's questions about the dream's own
+  # passage (SEAL's protocol: a self-edit is judged on its passage's questions).
+  c.tau_scope = "all"
   # tau's targets in the cycle driver: "self" = the in-context model's own answers to the wake
   # (train) questions (label-free); "gold" = their known answers (ARC's leave-one-out
   # demonstrations, whose outputs are part of the context C, not the held-out test).
@@ -156,7 +159,8 @@ class Dreamer:
   def __init__(self, params, cfg: ModelConfig, config: ml_collections.ConfigDict, *,
                slot_mask=None, generator: Optional[Generator] = None, rng=None,
                task_score_fn: Callable = task_log_likelihood, stop_tokens: Sequence[int] = (),
-               pad_id: int = 0, trial_view: Optional[Callable] = None):
+               pad_id: int = 0, trial_view: Optional[Callable] = None,
+               task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None):
     if config.score not in SCORE_RULES:
       raise ValueError(f"dreaming score {config.score!r}; valid: {SCORE_RULES}")
     self.params, self.cfg, self.config = params, cfg, config
@@ -165,6 +169,9 @@ class Dreamer:
     # ``trial_view(dreams, prompt_index) -> dreams``: how scoring and the trials read a dream
     # (e.g. closed-book, its passage hidden); the generator learns from the dream as written.
     self.trial_view = trial_view
+    # ``(group of each tau row, group of each dream prompt)``: a trial is scored on the tau rows
+    # of its own prompt's group (its passage) only; candidates on every row.
+    self.task_groups = task_groups
     if generator is None:
       r = config.rest_em
       generator = init_generator(jax.random.key(0) if rng is None else rng, cfg, r.rank, r.alpha,
@@ -189,10 +196,10 @@ class Dreamer:
     if candidates is not None:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
     view = dreams
+    _, _, row_prompt = prompt_batch(context_prompts, c.m, self.pad_id)
+    row_prompt = np.concatenate([row_prompt, np.full(dreams.tokens.shape[0] - c.m, -1)])
     if self.trial_view is not None:
-      _, _, row_prompt = prompt_batch(context_prompts, c.m, self.pad_id)
-      n_cand = dreams.tokens.shape[0] - c.m
-      view = self.trial_view(dreams, np.concatenate([row_prompt, np.full(n_cand, -1)]))
+      view = self.trial_view(dreams, row_prompt)
     lora0 = init_adapter(r_lora, cfg, c.lora.rank, tuple(c.lora.targets))
     lscale = lora_lib.scale(c.lora.alpha, c.lora.rank)
     parallel = int(c.parallel_dreams)
@@ -201,11 +208,14 @@ class Dreamer:
                           sft_context=c.sft_context, parallel=parallel)
     idx = select(scores, c.k, c.b, r_select)
     kept = take(dreams, idx)
+    masks = {}
+    if self.task_groups is not None:
+      masks = passage_masks(task_batch, *self.task_groups, row_prompt[np.asarray(idx)])
     trials = run_trials(self.params, cfg, self.slot_mask, lora0, take(view, idx), task_batch,
                         inner_steps=c.inner_steps, inner_lr=c.inner_lr,
                         optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
                         task_score_fn=self.task_score_fn, sft_context=c.sft_context,
-                        parallel=parallel)
+                        parallel=parallel, **masks)
     g = self.generator
     sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
     new_lora, new_state, rm = rest_em_round(
@@ -217,7 +227,7 @@ class Dreamer:
         "scores": np.asarray(scores).tolist(),
         "selected": np.asarray(idx).tolist(),
         "trial_scores": np.asarray(trials.scores).tolist(),
-        "base_score": float(trials.base_score),
+        "base_score": float(jnp.mean(trials.base_score)),
         "rewards": rewards.tolist(),
         "acceptance_rate": float(rewards.mean()) if rewards.size else 0.0,
         "n_tried": int(rewards.size),
@@ -256,6 +266,20 @@ class Dreamer:
                        generator=self.generator, written=written)
 
 
+def passage_masks(task_batch, row_group, prompt_group, dream_prompt) -> Dict[str, jax.Array]:
+  """``run_trials``' ``task_masks`` / ``groups``: group g's mask keeps tau's completion tokens of
+  the rows in group g (``row_group``); a dream from prompt p is in group ``prompt_group[p]``; an
+  offered candidate (prompt -1) in an extra group of every row."""
+  cm = np.asarray(task_batch["completion_mask"], bool)
+  row_group, prompt_group = np.asarray(row_group), np.asarray(prompt_group)
+  G = int(max(row_group.max(initial=-1), prompt_group.max(initial=-1))) + 1
+  masks = cm[None] & (row_group[None, :, None] == np.arange(G)[:, None, None])
+  masks = np.concatenate([masks, cm[None]])  # group G: every row
+  groups = np.where(np.asarray(dream_prompt) >= 0,
+                    prompt_group[np.maximum(np.asarray(dream_prompt), 0)], G)
+  return {"task_masks": jnp.asarray(masks), "groups": jnp.asarray(groups, jnp.int32)}
+
+
 def _empty_result(generator) -> DreamResult:
   z = np.zeros((0, 0))
   return DreamResult(z.astype(np.int32), z.astype(bool), z.astype(bool), np.zeros(0, np.int64),
@@ -268,14 +292,16 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           stop_tokens: Sequence[int] = (), pad_id: int = 0,
           candidates: Optional[Dreams] = None,
           on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
-          trial_view: Optional[Callable] = None) -> DreamResult:
+          trial_view: Optional[Callable] = None,
+          task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
   Pass the returned ``generator`` back in to keep the ReST-EM generator across sleeps.
   ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``);
   ``on_round``: called after each round with its scalar metrics (progress, training curves);
-  ``trial_view``: how scoring and the trials read the dreams (``Dreamer``).
+  ``trial_view``: how scoring and the trials read the dreams; ``task_groups``: score each trial
+  on its own passage's tau rows (``Dreamer``).
   """
   config = default_config() if config is None else config
   if not config.enabled:
@@ -283,5 +309,5 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   r_gen, r_run = jax.random.split(rng)
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
               task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id,
-              trial_view=trial_view)
+              trial_view=trial_view, task_groups=task_groups)
   return d.run(context_prompts, task_batch, r_run, candidates, on_round)
