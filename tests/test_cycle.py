@@ -216,7 +216,8 @@ def test_written_regime_gives_the_task_questions_to_no_method(tmp_path, base_cac
   w = knowledge.get_config("written")
   c.consolidation.prompt_template = w.consolidation.prompt_template
   c.consolidation.ce_weight = 0.0
-  for key in ("templates", "stage", "tau_target", "trial_view", "qa_items", "sft_context"):
+  for key in ("templates", "stage", "tau_target", "tau_scope", "trial_view", "qa_items",
+              "sft_context"):
     c.dreaming[key] = w.dreaming[key]
   c.dreaming.max_new_tokens, c.world_chunks = 8, 1
   seen = {}
