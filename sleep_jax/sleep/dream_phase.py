@@ -283,10 +283,9 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
 
 def template_student_prompts(fmt, docs, templates, prompt_index) -> List[List[int]]:
   """Student prompts of dreams in the query format: each dream's template with its passage
-  left out (``"{context} Q: {title}"`` -> ``"Q: <title>"``); bos for offered task variants."""
-  tpls = list(templates.values())
-  return [fmt.dream_prompt("", tpls[pi % len(tpls)], docs[pi // len(tpls)].title)
-          if pi >= 0 else fmt.bos() for pi in (int(i) for i in prompt_index)]
+  left out (``task_lib.dream_heads``); bos for offered task variants."""
+  heads = task_lib.dream_heads(fmt, docs, templates)
+  return [heads[pi] if pi >= 0 else fmt.bos() for pi in (int(i) for i in prompt_index)]
 
 
 def _dream_texts(tok, docs, templates, dreams):

@@ -235,8 +235,7 @@ def sft(st: SleepState, ctx: Context, t: int):
                                  float(dcfg.temperature), bool(dcfg.random_expert),
                                  stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id)
     # A dream written after "Q: <name>" is studied after it (the query format), others alone.
-    heads = [s.fmt.dream_prompt("", tpl, d.title) if "{title}" in tpl else s.fmt.bos()
-             for d in docs for tpl in dcfg.templates.values()]
+    heads = task_lib.dream_heads(s.fmt, docs, dcfg.templates)
     extra = dreams_as_rows(dreaming.as_dreams(out), [heads[i % len(heads)]
                                                      for i in range(int(dcfg.m))],
                            int(c.seq_len), s.tok.pad_id)

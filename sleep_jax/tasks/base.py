@@ -108,6 +108,14 @@ def template_items(setup: Setup, docs: Sequence[documents.Document], template: s
           [setup.fmt.dream_prompt("", template, d.title) for d in docs])
 
 
+def dream_heads(fmt, docs: Sequence[documents.Document], templates) -> List[List[int]]:
+  """What a dream is studied after, one per (document, template) like ``dream_prompts``: the
+  template without the passage when it names the entity (``"{context} Q: {title}"`` ->
+  ``"Q: <title>"``, the query format), else bos (the dream as standalone text)."""
+  return [fmt.dream_prompt("", tpl, d.title) if "{title}" in tpl else fmt.bos()
+          for d in docs for tpl in templates.values()]
+
+
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
   return [setup.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs
