@@ -8,8 +8,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache per test run, shared by the xdist workers and the
 # subprocesses the tests start: a program both workers (or a CLI test) compile is compiled once.
-# Keyed by the run, so nothing carries over from an earlier run.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+# Keyed by the run (the controlling process's id, which the workers inherit), so nothing
+# carries over from an earlier run, and removed when the run ends.
+_RUN = os.environ.setdefault("SLEEP_JAX_TEST_RUN", str(os.getpid()))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"sleep_jax_test_xla_cache_{_RUN}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """The run's compilation cache goes with the run (the controller's session ends last; an
+  xdist worker's must not remove it under the others)."""
+  del exitstatus
+  if not hasattr(session.config, "workerinput"):
+    import shutil
+    shutil.rmtree(os.path.join(tempfile.gettempdir(), f"sleep_jax_test_xla_cache_{_RUN}"),
+                  ignore_errors=True)

