@@ -64,6 +64,8 @@ def _cases(f, tmp):
                                                                 "positive"]),
       ("zero batch", [TEST, "--config.sft.batch_size=0"], ["sft.batch_size", "positive"]),
       ("unknown metric", [TEST, "--config.eval.metric=f1"], ["eval.metric", "contains"]),
+      ("unknown replay items", [TEST, "--config.consolidation.replay_items=all"],
+       ["consolidation.replay_items", "dreams_kept"]),
       ("unknown source", [TEST, "--config.data.source=csv"], ["data.source", "csv"]),
       ("jsonl without a path", [TEST, d], ["documents", "--config.data.documents"]),
       ("documents missing", [TEST, d, "--config.data.documents=/nonexistent.jsonl"],

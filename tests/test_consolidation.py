@@ -170,6 +170,8 @@ def test_episodic_memory_replay_and_roundtrip():
   picked = m.sample_for_sleep(2, rng, replay_fraction=1.0)
   assert [e.id for e in picked[:2]] == ["4", "5"] and len(picked) == 4
   assert all(e.cycle < 2 for e in picked[2:])
+  m.annotate(2, {"4": {"dream_questions": ["who?"]}, "1": {"dream_questions": ["no"]}})
+  assert m.meta_by_id("dream_questions") == {"4": ["who?"]}  # episode 1 is of cycle 0
   assert EpisodicMemory.from_json(m.to_json()).episodes == m.episodes
 
 

@@ -206,12 +206,8 @@ def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
   _same_curves(reference, work, "sleep_no_dream")  # killed after the commit, before the save
 
 
-def test_written_regime_gives_the_task_questions_to_no_method(tmp_path, base_cache, monkeypatch):
-  """``knowledge.py:written``'s settings through the driver: consolidation's items are one
-  ``Q: <name>`` per passage (no task question) and the questions of Sleep's accepted dreams,
-  written and tried before consolidation."""
-  from sleep_jax.sleep import phases
-  from sleep_jax.tasks import make_setup
+def _written_config(base_cache, chunks=1):
+  """The test config with ``knowledge.py:written``'s consolidation items and dreaming."""
   c = _config(base_cache, methods=("sleep",))
   w = knowledge.get_config("written")
   c.consolidation.prompt_template = w.consolidation.prompt_template
@@ -219,25 +215,68 @@ def test_written_regime_gives_the_task_questions_to_no_method(tmp_path, base_cac
   for key in ("templates", "stage", "tau_target", "tau_scope", "trial_view", "qa_items",
               "sft_context"):
     c.dreaming[key] = w.dreaming[key]
-  c.dreaming.max_new_tokens, c.world_chunks = 8, 1
+  c.dreaming.max_new_tokens, c.world_chunks = 8, chunks
+  return c
+
+
+def _spy_items(monkeypatch):
+  """{method: [(student prompts, gate targets, the episodic memory's stored dream questions)
+  of each consolidation]}, filled as they run."""
+  from sleep_jax.sleep import phases
   seen = {}
   original = phases._consolidate
 
   def spy(st, ctx, teacher, student, *args, **kwargs):
-    seen.setdefault(ctx.name, []).extend(student)
+    seen.setdefault(ctx.name, []).append((student, kwargs.get("gate_targets"),
+                                          st.memory.meta_by_id(phases.DREAM_QUESTIONS)))
     return original(st, ctx, teacher, student, *args, **kwargs)
 
   monkeypatch.setattr(phases, "_consolidate", spy)
-  res = cycle.run_experiment(c, str(tmp_path / "run"), log=lambda *_: None)
-  setup = make_setup(c, str(tmp_path / "run"), log=lambda *_: None)
+  return seen
+
+
+@pytest.mark.parametrize("mode", ["dreams_kept", "dreams"])
+def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dreams(
+    tmp_path, base_cache, monkeypatch, mode):
+  """``knowledge.py:written``'s settings through the driver. Consolidation's items are one
+  ``Q: <name>`` per passage (no task question) and the questions of Sleep's accepted dreams,
+  written and tried before consolidation. Those questions go to the episodic memory, and the
+  next sleep replays them closed-book (``consolidation.replay_items``): as anchors, kept as the
+  model woke up with the new slot's gate shut ("dreams_kept"), or taught again from the passage
+  with the gate open ("dreams"), in place of the replayed passages' ``Q: <name>`` items."""
+  from sleep_jax.sleep import dream_qa, phases
+  from sleep_jax.tasks import make_setup
+  c = _written_config(base_cache, chunks=2)
+  c.consolidation.replay_fraction, c.consolidation.replay_items = 1.0, mode
+  seen = _spy_items(monkeypatch)
+  # The seconds-trained test base writes no question/answer layout: every dream is read as
+  # one question (its text) with some answer.
+  monkeypatch.setattr(dream_qa, "parse_qa_pairs", lambda text: [(text, "an answer")])
+  work = str(tmp_path / "run")
+  res = cycle.run_experiment(c, work, log=lambda *_: None)
+  setup = make_setup(c, work, log=lambda *_: None)
   questions = {q.q for d in setup.chunks[0] for q in d.train_questions}
   titles = {d.title for d in setup.chunks[0]}
-  # One item per passage (what sleep_no_dream distils), then the model's own questions (which
-  # may match a training wording: the base learnt the world's wordings in pretraining).
-  texts = [setup.tok.decode(p) for p in seen["sleep"][:len(titles)]]
+  (first, _, before), (second, gates, stored) = seen["sleep"][:2]  # then the deep sleep
+  # Chunk 0: one item per passage (what sleep_no_dream distils), then the model's questions.
+  texts = [setup.tok.decode(p) for p in first[:len(titles)]]
   assert not any(q in x for q in questions for x in texts)
   assert {x.strip() for x in texts} == {f"Q: {t}" for t in titles}
-  info = res["methods"]["sleep"]["seeds"]["0"]["info"][0]
-  assert info["dreams_accepted"] > 0  # the test config accepts every tried dream
-  assert info["dream_training_items"] == info["dream_qa_pairs"]
-  assert len(seen["sleep"]) == len(titles) + info["dream_training_items"]
+  info = res["methods"]["sleep"]["seeds"]["0"]["info"]
+  assert info[0]["dreams_accepted"] > 0  # the test config accepts every tried dream
+  assert info[0]["dream_training_items"] == info[0]["dream_qa_pairs"] > 0
+  n_anchors = int(c.consolidation.anchor_prompts)
+  assert len(first) == len(titles) + info[0]["dream_training_items"] + n_anchors
+  # Chunk 1 replays chunk 0's stored questions, not its passages' "Q: <name>" items.
+  ids = [{d.id for d in ch} for ch in setup.chunks]
+  assert before and set(before) <= ids[0] and set(stored) - set(before) <= ids[1]
+  old = [setup.tok.decode(setup.fmt.closed_book(q)) for d in setup.chunks[0]
+         for q in stored.get(d.id, [])]
+  second = [setup.tok.decode(p) for p in second]
+  assert old and all(x in second for x in old)
+  assert info[1]["replayed_dream_questions"] == len(old)
+  asked = {d.title for d in setup.chunks[0] if stored.get(d.id)}
+  assert not {f"Q: {t}" for t in asked} & {x.strip() for x in second}
+  assert {gates[second.index(x)] for x in old} == {1.0 if mode == "dreams" else 0.0}
+  with pytest.raises(ValueError, match="replay_items"):
+    phases.replayed_dream_items(None, None, [], "everything")

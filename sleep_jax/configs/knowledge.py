@@ -212,6 +212,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # Each trial judged on its own passage's tau questions (scored on all of tau, the gain
       # of one dream was lost in the noise of the others: 23.9% stored against 38.5%).
       d.tau_scope = "passage"
+      # Replay brings the earlier chunks' accepted dream questions (kept in the episodic
+      # memory) as anchors: the new slot stays shut on the people earlier sleeps stored. Their
+      # own "Q: <name>" items, which store nothing, cost the first chunk 18 points (README,
+      # seventeenth session).
+      k.replay_items = "dreams_kept"
       c.methods = MAIN_METHODS + ("sft_selfgen",)
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),

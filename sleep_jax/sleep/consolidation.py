@@ -82,6 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
   # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
   # mixed into each sleep, this fraction of the new ones.
   c.replay_fraction = 0.0
+  # What a replayed document of an earlier chunk brings (fast consolidation): "passages" its
+  # own items (the wake questions, or its ``prompt_template`` item); "dreams" the questions of
+  # the dreams its sleep accepted (kept in the episodic memory), asked closed-book with the
+  # model reading the passage as teacher; "dreams_kept" the same questions as anchors (the
+  # model as it woke up is the teacher, the new slot's gate is shut on them). A document
+  # without stored dreams brings its own items.
+  c.replay_items = "passages"
   # beta: weight of the student's cross-entropy on answers the source supports (a document's
   # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
   c.ce_weight = 0.0

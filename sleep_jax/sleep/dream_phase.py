@@ -218,6 +218,14 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
     return phases.consolidate(st, ctx, t)
   st, _, info, triples, _ = _written_and_kept(st, ctx, t)
   teacher, student = dream_qa.qa_items(ctx.setup.fmt, triples) if triples else ([], [])
+  # Each document's accepted questions go to the episodic memory: later sleeps replay them
+  # (``consolidation.replay_items``).
+  ids = {d.passage: d.id for d in ctx.setup.chunks[t]}
+  asked: Dict[str, List[str]] = {}
+  for p, q, _ in triples:
+    asked.setdefault(ids[p], []).append(q)
+  st.memory.annotate(t, {i: {phases.DREAM_QUESTIONS: list(dict.fromkeys(qs))}
+                         for i, qs in asked.items()})
   st, out = phases.consolidate(st, ctx, t, extra=(teacher, student))
   info["dream_training_items"] = len(teacher)
   return st, {**info, **out}

@@ -41,6 +41,16 @@ class EpisodicMemory:
     if len(self.episodes) > self.capacity:
       self.episodes = self.episodes[-self.capacity:]
 
+  def annotate(self, cycle: int, by_id: Dict[str, Dict[str, Any]]) -> None:
+    """Adds ``by_id[episode.id]`` to the ``meta`` of wake ``cycle``'s episodes (what a sleep
+    made of them, e.g. its accepted dreams' questions, for later sleeps to replay)."""
+    for e in self.recent(cycle):
+      e.meta.update(by_id.get(e.id, {}))
+
+  def meta_by_id(self, key: str) -> Dict[str, Any]:
+    """``{episode id: meta[key]}`` over the episodes that have ``key``."""
+    return {e.id: e.meta[key] for e in self.episodes if key in e.meta}
+
   def recent(self, cycle: int) -> List[Episode]:
     """Episodes written during wake ``cycle``."""
     return [e for e in self.episodes if e.cycle == cycle]

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from sleep_jax.eval import answers
-from sleep_jax.sleep import consolidation, dreaming
+from sleep_jax.sleep import consolidation, dream_qa, dreaming
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.memory import Episode
 from sleep_jax.sleep.sleep_state import SleepState
@@ -128,7 +128,8 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
   The items are the task's wake questions, or with ``consolidation.prompt_template`` one item
   per document in that template (the task's questions go to no method), plus ``extra``
   (teacher prompts, student prompts): questions the model wrote about the passages
-  (``dream_phase.consolidate``), with no supported answer given."""
+  (``dream_phase.consolidate``), with no supported answer given. Replayed documents of earlier
+  chunks bring their own items or their stored dream questions (``consolidation.replay_items``)."""
   m = ctx.method
   if m.learn == "sft":
     st.params = sft(st, ctx, t)
@@ -137,9 +138,15 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
     return st, {}
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
-  docs = ctx.setup.chunks[t] + replayed_documents(ctx, t, float(kcfg.replay_fraction))
+  replayed = replayed_documents(ctx, t, float(kcfg.replay_fraction))
+  mode = str(kcfg.get("replay_items", "passages"))
+  old_teacher, old_student, covered = replayed_dream_items(st, ctx, replayed, mode)
+  n_replayed = len(old_student)
+  docs = ctx.setup.chunks[t] + [d for d in replayed if d.id not in covered]
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + task_lib.value_anchors(
       ctx.setup, docs, int(kcfg.get("value_anchors", 0)), np.random.default_rng([ctx.seed, t]))
+  if mode == "dreams_kept":  # kept as the model woke up, with the new slot shut on them
+    anchors, old_teacher, old_student = anchors + old_student, [], []
   template = str(kcfg.get("prompt_template", ""))
   if template:
     teacher, student = task_lib.template_items(ctx.setup, docs, template)
@@ -148,18 +155,39 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
     teacher, student = (task_lib.teacher_prompts(ctx.setup, docs),
                         task_lib.student_prompts(ctx.setup, docs))
     golds = task_lib.gold_answers(ctx.setup, docs)
-  if extra is not None:
-    teacher, student = teacher + list(extra[0]), student + list(extra[1])
-    golds = golds + [[]] * len(extra[1])
+  extra = extra or ([], [])
+  teacher = teacher + list(extra[0]) + old_teacher
+  student = student + list(extra[1]) + old_student
+  golds = golds + [[]] * (len(student) - len(golds))
   res = _consolidate(st, ctx, teacher + anchors, student + anchors, kcfg, t, "consolidation",
                      golds=golds + [[]] * len(anchors),
                      gate_targets=[1.0] * len(student) + [0.0] * len(anchors))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
+  if mode != "passages":  # how many earlier dream questions this sleep replayed
+    out["replayed_dream_questions"] = n_replayed
   bad = [i for i, h in enumerate(res.history) if not math.isfinite(h.get("loss", 0.0))]
   if bad:  # the run stops on it (cycle.check_finite), naming this step
     out["nonfinite_step"] = bad[0]
   return st, out
+
+
+DREAM_QUESTIONS = "dream_questions"  # episodic-memory meta: a document's accepted dreams' questions
+
+
+def replayed_dream_items(st: SleepState, ctx: Context, replayed, mode: str):
+  """(teacher prompts, student prompts, ids of the documents they are about) of the replayed
+  documents' stored dream questions (``consolidation.replay_items``): the teacher reads the
+  passage, the student is asked closed-book. Empty for ``"passages"``."""
+  if mode not in ("passages", "dreams", "dreams_kept"):
+    raise ValueError(f"consolidation.replay_items={mode!r}; valid: 'passages', 'dreams', "
+                     "'dreams_kept'")
+  if mode == "passages":
+    return [], [], set()
+  stored = st.memory.meta_by_id(DREAM_QUESTIONS)
+  triples = [(d.passage, q, "") for d in replayed for q in stored.get(d.id, [])]
+  return (*dream_qa.qa_items(ctx.setup.fmt, triples),
+          {d.id for d in replayed if stored.get(d.id)})
 
 
 def replayed_documents(ctx: Context, t: int, fraction: float) -> list:

@@ -16,7 +16,12 @@ POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.ma
             "dreaming.m", "dreaming.max_new_tokens", "dream_training.steps",
             "dream_training.batch_size", "seq_len")
 CHOICES = {"eval.metric": ("em", "contains"), "eval.rows": ("all", "latest"),
-           "on_config_change": ("error", "restart"), "model_source": ("world", "gguf")}
+           "on_config_change": ("error", "restart"), "model_source": ("world", "gguf"),
+           "consolidation.replay_items": ("passages", "dreams", "dreams_kept"),
+           "dreaming.stage": ("after", "before"), "dreaming.tau_scope": ("all", "passage"),
+           "dreaming.tau_target": ("self", "gold", "written"),
+           "dreaming.trial_view": ("as_written", "closed_book"),
+           "dreaming.focus": ("passage", "sentences")}
 
 
 def _get(config, dotted: str):
