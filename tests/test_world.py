@@ -241,6 +241,13 @@ def test_anchor_prompts_and_question_rows():
   assert not any(f"{p.first} {p.last}" in t for p in scored for t in text)
   # Alternately closed-book (a known person) and in-context (a passage, then its question).
   assert [t.startswith("Q: ") for t in text] == [True, False] * 3
+  # consolidation.anchor_closed_book: that fraction closed-book, interleaved while both last.
+  mostly = [w.tokenizer.decode(a).startswith("Q: ")
+            for a in world_task._anchor_prompts(w, fmt, 5, 6, closed_book=0.8)]
+  assert mostly == [True, False, True, True, True, True]
+  assert world_task._anchor_prompts(w, fmt, 5, 7)[:6] == anchors
+  with pytest.raises(ValueError, match="anchor_closed_book"):
+    world_task._anchor_prompts(w, fmt, 5, 6, closed_book=1.5)
   docs = documents.world_documents(w, w.chunk(0)[:2])
   rows, starts = task_base.question_rows(types.SimpleNamespace(fmt=fmt), docs)
   qs = [q for d in docs for q in d.train_questions]

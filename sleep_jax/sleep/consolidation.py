@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0
+  # Of them, the fraction that are closed-book questions about known people (the rest are
+  # in-context reading questions; world tasks).
+  c.anchor_closed_book = 0.5
   c.value_anchors = 0  # more anchors: known people whose answer is a value of the new chunk
   c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
   # Where the gate term acts: "answer" (the positions that predict an answer) or "anchor_all"

@@ -9,6 +9,7 @@ held-out people.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -34,7 +35,8 @@ def setup(config, model: models.Model) -> Setup:
     extra = {"retention_qa": (documents.world_documents(world, world.population("qa")[:n]), False),
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
-    anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts))
+    anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts),
+                              float(c.consolidation.get("anchor_closed_book", 0.5)))
     if int(c.consolidation.get("value_anchors", 0)):
       by_value = _anchors_by_value(world, model.fmt, n)
     # Generic prompts of the world: the opening words of biographies the base was trained on.
@@ -67,18 +69,23 @@ def _kl_probe(config, model: models.Model, texts):
                         batch_size=int(config.eval.batch_size))
 
 
-def _anchor_prompts(world, fmt, skip: int, k: int):
-  """k prompts, alternately a closed-book question about a QA-population person after the
-  first ``skip`` (the retention probe's) and an in-context question about a reading-population
-  person (never a probe): what the base already does and the sleep must keep."""
-  n = -(-k // 2)  # people of each kind
-  qa = documents.world_documents(world, world.population("qa")[skip:skip + n])
-  reading = documents.world_documents(world, world.population("reading")[:n])
+def _anchor_prompts(world, fmt, skip: int, k: int, closed_book: float = 0.5):
+  """k prompts: closed-book questions about QA-population people after the first ``skip`` (the
+  retention probe's), a ``closed_book`` fraction of them, and in-context questions about
+  reading-population people (never a probe), interleaved: what the base already does and the
+  sleep must keep. One question per person."""
+  if not 0.0 <= closed_book <= 1.0:
+    raise ValueError(f"consolidation.anchor_closed_book={closed_book} must be in [0, 1]")
+  n_qa = math.ceil(closed_book * k)
+  qa = documents.world_documents(world, world.population("qa")[skip:skip + n_qa])
+  reading = documents.world_documents(world, world.population("reading")[:k - n_qa])
   rng = np.random.default_rng(0)
   out = []
-  for a, b in zip(qa, reading):
-    qa_q, rd_q = (d.train_questions[rng.integers(len(d.train_questions))] for d in (a, b))
-    out += [fmt.closed_book(qa_q.q), fmt.with_context(b.passage, rd_q.q)]
+  for i in range(max(len(qa), len(reading))):
+    for docs, closed in ((qa, True), (reading, False)):
+      if i < len(docs):
+        q = docs[i].train_questions[rng.integers(len(docs[i].train_questions))].q
+        out.append(fmt.closed_book(q) if closed else fmt.with_context(docs[i].passage, q))
   return out[:k]
 
 
