@@ -243,7 +243,8 @@ def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dream
   written and tried before consolidation. Those questions go to the episodic memory, and the
   next sleep replays them closed-book (``consolidation.replay_items``): as anchors, kept as the
   model woke up with the new slot's gate shut ("dreams_kept"), or taught again from the passage
-  with the gate open ("dreams"), in place of the replayed passages' ``Q: <name>`` items."""
+  with the gate open ("dreams"), in place of the replayed passages' ``Q: <name>`` items; the
+  deep sleep distils them too."""
   from sleep_jax.sleep import dream_qa, phases
   from sleep_jax.tasks import make_setup
   c = _written_config(base_cache, chunks=2)
@@ -257,7 +258,7 @@ def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dream
   setup = make_setup(c, work, log=lambda *_: None)
   questions = {q.q for d in setup.chunks[0] for q in d.train_questions}
   titles = {d.title for d in setup.chunks[0]}
-  (first, _, before), (second, gates, stored) = seen["sleep"][:2]  # then the deep sleep
+  (first, _, before), (second, gates, stored), (deep, _, _) = seen["sleep"]
   # Chunk 0: one item per passage (what sleep_no_dream distils), then the model's questions.
   texts = [setup.tok.decode(p) for p in first[:len(titles)]]
   assert not any(q in x for q in questions for x in texts)
@@ -278,5 +279,10 @@ def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dream
   asked = {d.title for d in setup.chunks[0] if stored.get(d.id)}
   assert not {f"Q: {t}" for t in asked} & {x.strip() for x in second}
   assert {gates[second.index(x)] for x in old} == {1.0 if mode == "dreams" else 0.0}
+  # The deep sleep (level 0 -> 1) distils the stored dream questions: the episodic memory
+  # holds none of the task's questions either.
+  deep = [setup.tok.decode(p) for p in deep]
+  every = {q.q for ch in setup.chunks for d in ch for q in d.train_questions + d.eval_questions}
+  assert all(x in deep for x in old) and not any(q in x for q in every for x in deep)
   with pytest.raises(ValueError, match="replay_items"):
     phases.replayed_dream_items(None, None, [], "everything")

@@ -67,8 +67,12 @@ def wake(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   """The chunk arrives: its passages and questions go to the episodic memory; the model answers
   with the passage in context (the in-context score)."""
   docs = ctx.setup.chunks[t]
-  st.memory.add([Episode(id=d.id, context=d.passage, prompts=[q.q for q in d.train_questions],
-                         cycle=t) for d in docs])
+  # With ``consolidation.prompt_template`` no method gets the task's questions: the memory
+  # keeps the passages only (a sleep adds its accepted dreams' questions to them).
+  asked = not ctx.config.consolidation.get("prompt_template", "")
+  st.memory.add([Episode(id=d.id, context=d.passage, cycle=t,
+                         prompts=[q.q for q in d.train_questions] if asked else [])
+                 for d in docs])
   return st, answers.wake_score(ctx.setup, st.params, st.slot_mask, docs, ctx.config.eval)
 
 
@@ -223,7 +227,9 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   phase = "deep" if level == 1 else f"deep{level}"
   eps = [e for k in range(t - ctx.schedule[level] + 1, t + 1)
          for e in st.memory.sample_for_sleep(k, rng, float(c.consolidation.replay_fraction))]
-  prompts = [ctx.setup.fmt.closed_book(q) for e in eps for q in e.prompts]
+  # The wake questions, or where the task gave none, the accepted dreams' questions.
+  prompts = [ctx.setup.fmt.closed_book(q) for e in eps
+             for q in e.prompts or e.meta.get(DREAM_QUESTIONS, [])]
   kcfg.source_level, kcfg.target_level = level - 1, level
   kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
   kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
