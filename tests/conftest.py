@@ -24,3 +24,19 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
     shutil.rmtree(os.path.join(tempfile.gettempdir(), f"sleep_jax_test_xla_cache_{_RUN}"),
                   ignore_errors=True)
+
+
+# The files with the longest end-to-end runs, longest first (CI logs' --durations). pytest.ini
+# turns off xdist's reordering by test count, so the two workers start on these and the short
+# files fill in at the end: the run ends when both workers do, not one file after the other.
+HEAVY_FIRST = ("test_few_shot.py", "test_cycle.py", "test_long_horizon_cycle.py",
+               "test_checkpoint.py", "test_consolidation.py", "test_bench.py",
+               "test_cli_errors.py", "test_dreaming.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  order = {id(item): i for i, item in enumerate(items)}
+  items.sort(key=lambda it: (rank.get(os.path.basename(str(it.fspath)), len(rank)),
+                             order[id(it)]))
