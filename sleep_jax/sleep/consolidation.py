@@ -82,12 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
   # mixed into each sleep, this fraction of the new ones.
   c.replay_fraction = 0.0
-  # What a replayed document of an earlier chunk brings (fast consolidation): "passages" its
-  # own items (the wake questions, or its ``prompt_template`` item); "dreams" the questions of
-  # the dreams its sleep accepted (kept in the episodic memory), asked closed-book with the
-  # model reading the passage as teacher; "dreams_kept" the same questions as anchors (the
-  # model as it woke up is the teacher, the new slot's gate is shut on them). A document
-  # without stored dreams brings its own items.
+  # What a replayed document brings (``phases.replayed_dream_items``): "passages" its own items;
+  # "dreams" its accepted dreams' questions, taught again; "dreams_kept" those as anchors.
   c.replay_items = "passages"
   # beta: weight of the student's cross-entropy on answers the source supports (a document's
   # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
@@ -95,9 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0
-  # Of them, the fraction that are closed-book questions about known people (the rest are
-  # in-context reading questions; world tasks).
-  c.anchor_closed_book = 0.5
+  c.anchor_closed_book = 0.5  # world: the closed-book share of them (the rest: reading)
   c.value_anchors = 0  # more anchors: known people whose answer is a value of the new chunk
   c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
   # Where the gate term acts: "answer" (the positions that predict an answer) or "anchor_all"

@@ -29,6 +29,7 @@ from sleep_jax.train import state as state_lib
 
 Metrics = Dict[str, Any]
 FAST_LEVEL = 0  # the CMS level a chunk's consolidation (and its dreams) write into
+DREAM_QUESTIONS = "dream_questions"  # episodic-memory meta: a passage's accepted dream questions
 
 
 def no_hook(phase: str, chunk: int, step: int) -> None:
@@ -174,9 +175,6 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
   if bad:  # the run stops on it (cycle.check_finite), naming this step
     out["nonfinite_step"] = bad[0]
   return st, out
-
-
-DREAM_QUESTIONS = "dream_questions"  # episodic-memory meta: a document's accepted dreams' questions
 
 
 def replayed_dream_items(st: SleepState, ctx: Context, replayed, mode: str):
