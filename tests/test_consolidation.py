@@ -161,6 +161,17 @@ def test_knowledge_seeding_into_a_deeper_student_beats_scratch(base):
   assert distil(grown) < 0.5 * distil(scratch)
 
 
+def test_anchor_share_fixes_the_anchor_rows_of_each_batch():
+  """consolidation.anchor_share: that share of the drawn rows are anchors (gate target 0),
+  whatever their number; 0 keeps the uniform draw over the items."""
+  targets = [1.0] * 30 + [0.0] * 970
+  uniform = C.item_draw(np.random.default_rng(0), 1000, 4000, targets, 0.0)
+  np.testing.assert_array_equal(uniform, np.random.default_rng(0).integers(0, 1000, size=4000))
+  rows = C.item_draw(np.random.default_rng(0), 1000, 4000, targets, 0.25)
+  assert abs(np.mean(rows >= 30) - 0.25) < 0.03 and rows.min() >= 0 and rows.max() < 1000
+  assert len(set(rows[rows < 30].tolist())) == 30  # every new item is drawn
+
+
 def test_episodic_memory_replay_and_roundtrip():
   from sleep_jax.sleep.memory import Episode, EpisodicMemory
   m = EpisodicMemory(capacity=5)

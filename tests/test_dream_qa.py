@@ -3,6 +3,9 @@ pairs, their quality is measured, and they become query-format consolidation ite
 
 import types
 
+import numpy as np
+import pytest
+
 from sleep_jax.configs import knowledge
 from sleep_jax.data import documents
 from sleep_jax.data.tokenizer import ByteTokenizer
@@ -139,3 +142,43 @@ def test_focused_documents_read_each_sentence_again_last():
                                        "in 1851.", f"{PASSAGE} It had three cylinders."]
   assert originals == [PASSAGE, PASSAGE] and {d.title for d in docs} == {"Korrin"}
   assert dream_qa.focused_documents([doc]) == ([doc], [PASSAGE])
+
+
+def test_decoy_questions_ask_about_mixed_names_of_no_one():
+  """consolidation.decoys: a dream question with its entity renamed to a mix of two of the
+  chunk's names, never a real one of them, as many as asked."""
+  docs = [types.SimpleNamespace(passage=f"p{i}", title=t)
+          for i, t in enumerate(["Ana Belov", "Tom Kirson", "Eli Marov"])]
+  triples = [("p0", "When was Ana Belov born?", "1960"), ("p1", "Where does Tom Kirson work?", "X"),
+             ("p2", "A question without the name?", "y")]
+  out = dream_qa.decoy_questions(triples, docs, np.random.default_rng(0), 4.0)
+  assert 0 < len(out) <= 12
+  titles = {d.title for d in docs}
+  for q in out:
+    assert not any(t in q for t in titles)
+    name = q.replace("When was ", "").replace(" born?", "").replace("Where does ", "")
+    name = name.replace(" work?", "")
+    first, last = name.split()
+    assert first in {"Ana", "Tom", "Eli"} and last in {"Belov", "Kirson", "Marov"}
+  assert dream_qa.decoy_questions(triples, docs, np.random.default_rng(0), 0.0) == []
+
+
+def test_entity_copy_spans_and_query_heads():
+  """dreaming.copy_title: one span per (document, template) holding the title's tokens, the
+  setup's entity-start tokens as trigger; the dream is studied after the template's opening."""
+  tok = ByteTokenizer()
+  fmt = documents.WorldFormat(tok)
+  docs = [documents.Document("a", "Ana Belov was born in 1960.", (), (), title="Ana Belov"),
+          documents.Document("b", "Eli Ro works at X.", (), (), title="Eli Ro")]
+  starts = np.zeros(300, bool)
+  setup = task_lib.Setup(None, None, tok, fmt, [docs], {}, {}, entity_starts=starts)
+  tpl = {"question": "{context} Q:"}
+  spans, lens, trigger = task_lib.entity_copy(setup, docs, tpl, True)
+  assert lens.tolist() == [len(tok.encode("Ana Belov")), len(tok.encode("Eli Ro"))]
+  assert spans[1, :lens[1]].tolist() == tok.encode("Eli Ro") and trigger is starts
+  assert task_lib.entity_copy(setup, docs, tpl, False) is None
+  assert task_lib.dream_heads(fmt, docs, tpl, copy_title=True) == [fmt.dream_prompt("", "{context} Q:")] * 2
+  assert task_lib.dream_heads(fmt, docs, tpl) == [fmt.bos()] * 2
+  setup.entity_starts = None
+  with pytest.raises(ValueError, match="copy_title"):
+    task_lib.entity_copy(setup, docs, tpl, True)

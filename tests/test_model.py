@@ -35,20 +35,38 @@ def _mixed_batch():
   return jnp.asarray(toks), jnp.asarray(valid)
 
 
-def test_cache_decode_equals_full_forward(params):
+@pytest.mark.parametrize("sticky", [False, True])
+def test_cache_decode_equals_full_forward(params, sticky):
+  cfg = dataclasses.replace(CFG, slot_gate_sticky=sticky)
   toks, valid = _mixed_batch()
   mask = jnp.array([[True, False, True], [False, True, False]])
-  full, _ = T.apply(params, toks, CFG, valid=valid, slot_mask=mask)
-  cache = T.init_cache(CFG, toks.shape[0], toks.shape[1])
+  full, _ = T.apply(params, toks, cfg, valid=valid, slot_mask=mask)
+  cache = T.init_cache(cfg, toks.shape[0], toks.shape[1])
   pieces, start = [], 0
   for stop in (9, 10, 11, 12):  # a prefill, then one token at a time
-    out, cache = T.apply(params, toks[:, start:stop], CFG, valid=valid[:, start:stop],
+    out, cache = T.apply(params, toks[:, start:stop], cfg, valid=valid[:, start:stop],
                          slot_mask=mask, cache=cache)
     pieces.append(out)
     start = stop
   dec = jnp.concatenate(pieces, axis=1)
   np.testing.assert_allclose(np.where(valid[..., None], dec, 0),
                              np.where(valid[..., None], full, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_sticky_gates_are_the_running_maximum(params):
+  """slot_gate_sticky: the gate at token t is the largest plain gate over the real tokens <= t
+  (padding never opens it; checked on the first layer's first level, whose input sticky gates
+  do not change); the outputs change with it."""
+  toks, valid = _mixed_batch()
+  mask = jnp.array([[True, False, True], [False, True, False]])
+  sticky = dataclasses.replace(CFG, slot_gate_sticky=True)
+  plain_out, _, plain = T.apply(params, toks, CFG, valid=valid, slot_mask=mask, return_gates=True)
+  out, _, got = T.apply(params, toks, sticky, valid=valid, slot_mask=mask, return_gates=True)
+  assert float(jnp.max(jnp.abs(out - plain_out))) > 1e-4
+  v = np.asarray(valid)[:, :, None]
+  want = np.maximum.accumulate(np.where(v, np.asarray(plain[0][0]), 0.0), axis=1)
+  np.testing.assert_allclose(np.where(v, np.asarray(got[0][0]), 0.0), want, rtol=1e-6)
+  assert not np.allclose(want, np.where(v, np.asarray(plain[0][0]), 0.0))  # it did stick
 
 
 def test_masked_slots_are_exactly_absent(params):
@@ -187,3 +205,34 @@ def test_output_head_from_a_position_equals_the_tail_of_the_full_forward(params)
   tail, _ = T.apply(params, toks, CFG, valid=valid, logits_from=8)
   assert tail.shape == (3, 4, CFG.vocab_size)
   np.testing.assert_allclose(tail, full[:, 8:], rtol=1e-5, atol=1e-6)
+
+
+def test_entity_copy_writes_the_span_where_the_first_name_would_start(params):
+  """Greedy with copying: every token is the argmax of the forward pass on its prefix, except
+  the span, which starts where that argmax is first a trigger token; a row with an empty span
+  samples as without copying; log-probs stay those of the tokens written."""
+  toks, valid = _mixed_batch()
+  plain = sampler.sample(params, toks, valid, jax.random.key(1), cfg=CFG, max_new_tokens=8,
+                         greedy=True)
+  trigger = np.zeros(CFG.vocab_size, bool)
+  trigger[int(plain.tokens[0, 13])] = True  # row 0 names someone at its second new token
+  span = np.array([[5, 6, 7], [5, 6, 7], [9, 8, 0]], np.int32)
+  lens = np.array([3, 0, 2], np.int32)
+  out = sampler.sample(params, toks, valid, jax.random.key(1), cfg=CFG, max_new_tokens=8,
+                       greedy=True, copy_span=jnp.asarray(span), copy_len=jnp.asarray(lens),
+                       copy_trigger=jnp.asarray(trigger))
+  np.testing.assert_array_equal(out.tokens[1], plain.tokens[1])
+  logits, _ = T.apply(params, out.tokens, CFG, valid=out.valid)
+  pred = np.asarray(jnp.argmax(logits[:, 11:-1], -1))
+  comp = np.asarray(out.tokens[:, 12:])
+  for b in range(3):
+    hits = [i for i in range(8) if trigger[pred[b, i]]] if lens[b] else []
+    start = hits[0] if hits else 8
+    forced = range(start, min(start + lens[b], 8))
+    assert list(comp[b, start:start + len(forced)]) == list(span[b, :len(forced)])
+    free = [i for i in range(8) if i not in forced]
+    np.testing.assert_array_equal(comp[b, free], pred[b, free])
+    if b == 0:  # the plain row named someone at its second token at the latest: copied there
+      assert start <= 1 and comp[0, start:start + 3].tolist() == [5, 6, 7]
+  lp = T.logits_to_logprobs(logits, out.tokens)
+  np.testing.assert_allclose(np.asarray(lp)[:, 12:], np.asarray(out.logprobs)[:, 12:], atol=1e-5)

@@ -248,6 +248,15 @@ def test_anchor_prompts_and_question_rows():
   assert world_task._anchor_prompts(w, fmt, 5, 7)[:6] == anchors
   with pytest.raises(ValueError, match="anchor_closed_book"):
     world_task._anchor_prompts(w, fmt, 5, 6, closed_book=1.5)
+  # consolidation.anchor_people="everyone": closed-book anchors about people of every unscored
+  # population, still none about a scored person.
+  every = [w.tokenizer.decode(a) for a in world_task._anchor_prompts(w, fmt, 5, 40, 1.0,
+                                                                     "everyone")]
+  assert not any(f"{p.first} {p.last}" in t for p in scored for t in every)
+  pops = {k: {f"{p.first} {p.last}" for p in w.population(k)} for k in ("qa", "pretrain", "reading")}
+  assert all(any(n in t for n in pops[k] for t in every) for k in pops)
+  with pytest.raises(ValueError, match="anchor_people"):
+    world_task._anchor_prompts(w, fmt, 5, 6, people="some")
   docs = documents.world_documents(w, w.chunk(0)[:2])
   rows, starts = task_base.question_rows(types.SimpleNamespace(fmt=fmt), docs)
   qs = [q for d in docs for q in d.train_questions]

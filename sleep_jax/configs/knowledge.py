@@ -43,6 +43,8 @@ HELP = {
     "recall": "a base that recalls its own facts, with the storage levers (~8 min)",
     "capacity": "recall with 8 slots per sleep, hidden-layer gate, replay, one fast level; 3 seeds",
     "written": "the main job with none of the task's questions: dreams are the study questions",
+    "written_sticky": "written, dreams in every wording (entity copying) and sticky slot gates: "
+                      "stores more, keeps fewer old facts",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
@@ -97,6 +99,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Hidden units of each slot's gate (0 = the linear gate sigmoid(w . x)); added to a loaded base
   # with a silent hidden layer (growth.add_slot_gates), so the base's function is unchanged.
   c.model_gate_hidden = 0
+  c.model_gate_sticky = False  # slot gates that stay open after the token they opened on
   c.base = _base_recipe(pretrain.PretrainConfig())
   c.seq_len = c.base.seq_len
   c.world_chunks = 3  # T wake chunks used (<= base.world.n_chunks)
@@ -164,7 +167,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity", "default", "written"):
+  elif variant in ("recall", "capacity", "default", "written", "written_sticky"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -175,7 +178,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant in ("capacity", "default", "written"):
+    if variant in ("capacity", "default", "written", "written_sticky"):
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
       # deep sleep into level 1 lost a third of what the fast level held at this step budget);
@@ -187,12 +190,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant in ("default", "written"):  # 2 chunks: the six methods in ~10 min on 2 cores
+    if variant in ("default", "written", "written_sticky"):  # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
       c.model_slots, c.model_gate_hidden = 16, 16
-    if variant == "written":
+    if variant in ("written", "written_sticky"):
       # None of the task's questions reach any method: every learner gets the passages only.
       # Consolidation distils one item per document, "<passage> Q: <name>" -> "Q: <name>"
       # (the teacher writes its own question and answer); Sleep's dreams are questions the
@@ -218,6 +221,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # seventeenth session).
       k.replay_items = "dreams_kept"
       c.methods = MAIN_METHODS + ("sft_selfgen",)
+    if variant == "written_sticky":
+      # The model words its questions freely and the sampler writes the passage's person where
+      # it first names someone (the "{title}" template allows one wording per attribute, and
+      # "The birth year of X is what?" was stored at 21% against 57% for "X was born in which
+      # year?"); a slot gate that opened on the name stays open after it. One sleep, seed 0:
+      # 38.7 -> 47.1 stored, old facts 38.0 -> 26.5 (README, eighteenth session).
+      c.dreaming.templates = {"question": "{context} Q:"}
+      c.dreaming.copy_title, c.model_gate_sticky = True, True
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with

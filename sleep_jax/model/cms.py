@@ -78,8 +78,11 @@ def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None
   return jnp.einsum("bted,bte->btd", y, gates)
 
 
-def slot_scores(p, x):
-  """The slot gates s_s(x) = sigmoid(w_s . x [+ v_s . silu(U_s^T x)]), (B, T, S) in float32.
+GATE_FLOOR = -1e30  # a sticky gate's running maximum before any token: sigmoid gives exactly 0
+
+
+def slot_logits(p, x):
+  """z_s(x) = w_s . x [+ v_s . silu(U_s^T x)], (B, T, S) in float32: the gates before the sigmoid.
 
   The bracketed hidden layer exists when the model has ``slot_gate_hidden`` > 0 (``slot_gate_u``
   (S, d, h), ``slot_gate_v`` (S, h): each slot's own, trained with it; random features shared
@@ -88,28 +91,47 @@ def slot_scores(p, x):
   if "slot_gate_u" in p:
     hid = jax.nn.silu(jnp.einsum("btd,sdh->btsh", x, p["slot_gate_u"]))
     z = z + jnp.einsum("btsh,sh->bts", hid, p["slot_gate_v"])
-  return jax.nn.sigmoid(z.astype(jnp.float32))
+  return z.astype(jnp.float32)
 
 
-def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array]):
-  """Masked low-rank slots. p: slot_router (d, S), slot_a (S, d, r), slot_b (S, r, d)."""
+def slot_scores(p, x, sticky=None):
+  """The slot gates s_s(x) = sigmoid(z_s(x)) (B, T, S) in float32, and with ``sticky`` the
+  running maximum ``m`` (B, S) to carry on (else None).
+
+  ``sticky = (valid (B, T), m0 (B, S) or None)``: sticky gates, s_s,t = sigmoid(max(m0,
+  max_{u <= t, valid} z_s,u)): a slot that opened on an earlier token of the input (the name of
+  someone it stores) stays open for the rest of it, whatever the wording around the name."""
+  z = slot_logits(p, x)
+  if sticky is None:
+    return jax.nn.sigmoid(z), None
+  valid, m0 = sticky
+  z = jax.lax.cummax(jnp.where(valid[..., None], z, GATE_FLOOR), axis=1)
+  if m0 is not None:
+    z = jnp.maximum(z, m0[:, None, :])
+  return jax.nn.sigmoid(z), z[:, -1]
+
+
+def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array], sticky=None):
+  """Masked low-rank slots. p: slot_router (d, S), slot_a (S, d, r), slot_b (S, r, d).
+  Returns (output, gates, running maximum of sticky gates or None)."""
   live = jnp.broadcast_to(slot_mask.astype(bool), x.shape[:-1] + slot_mask.shape)
-  scores = slot_scores(p, x)
+  scores, last = slot_scores(p, x, sticky)
   on = top_k_mask(scores, live, top_k)
   if route_rng is not None:
     on = on | random_extra(route_rng, live & ~on)
   # Multiplying by an exact 0.0 (not jnp.where on the output) keeps gradients of masked slots 0.
   gates = (scores * on.astype(scores.dtype)).astype(x.dtype)
   h = jax.nn.silu(jnp.einsum("btd,sdr->btsr", x, p["slot_a"]))
-  return jnp.einsum("btsr,srd,bts->btd", h, p["slot_b"], gates), scores
+  return jnp.einsum("btsr,srd,bts->btd", h, p["slot_b"], gates), scores, last
 
 
 def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lora=None,
-                lora_scale=1.0, return_scores=False):
+                lora_scale=1.0, return_scores=False, sticky=None):
   """One CMS level on normalised input x (B, T, d); returns its residual contribution (and with
-  ``return_scores`` the slot gates ``s_s(x)`` (B, T, S) in float32, None without slots)."""
+  ``return_scores`` the slot gates ``s_s(x)`` (B, T, S) in float32, None without slots). With
+  ``sticky`` (``slot_scores``) it returns ``(that, running maximum (B, S))``."""
   y = jnp.zeros_like(x)
-  scores = None
+  scores = last = None
   rng_dense = rng_slots = None
   if route_rng is not None:
     rng_dense, rng_slots = jax.random.split(route_rng)
@@ -119,9 +141,10 @@ def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lo
   if "slot_a" in p:
     # A level with no live slot does no slot work (its masked slots would add exact zeros):
     # shapes stay fixed, the branch is picked at run time from the mask (data, not a shape).
-    ys, scores = jax.lax.cond(
+    ys, scores, last = jax.lax.cond(
         jnp.any(slot_mask), lambda: slot_experts(p, x, slot_mask, top_k=slot_top_k,
-                                                 route_rng=rng_slots),
-        lambda: (jnp.zeros_like(x), slot_scores(p, x)))
+                                                 route_rng=rng_slots, sticky=sticky),
+        lambda: (jnp.zeros_like(x), *slot_scores(p, x, sticky)))
     y = y + ys
-  return (y, scores) if return_scores else y
+  out = (y, scores) if return_scores else y
+  return out if sticky is None else (out, last)

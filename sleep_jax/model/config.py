@@ -47,6 +47,10 @@ class ModelConfig:
   # v . silu(U^T x) (U: d x h, v zero at unlock), a gate that can tell apart inputs no
   # hyperplane separates (the new people from the known ones at the answering position).
   slot_gate_hidden: int = 0
+  # Sticky slot gates (``cms.slot_scores``): a gate at token t is the largest it has been on
+  # tokens <= t, so a slot that opens on a name stays open for the rest of the input. Decode
+  # carries the running maximum in the KV cache.
+  slot_gate_sticky: bool = False
   chunk_sizes: Tuple[int, ...] = (1, 1)  # C_l: level l's parameters change every C_l steps
 
   dtype: str = "float32"  # activation/compute dtype

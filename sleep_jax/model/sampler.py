@@ -55,7 +55,9 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
            cfg: ModelConfig, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, greedy: bool = False, stop_tokens: Sequence[int] = (),
            pad_id: int = 0, slot_mask: Optional[jax.Array] = None, lora=None,
-           lora_scale: float = 1.0, random_expert: bool = False) -> SampleOutput:
+           lora_scale: float = 1.0, random_expert: bool = False,
+           copy_span: Optional[jax.Array] = None, copy_len: Optional[jax.Array] = None,
+           copy_trigger: Optional[jax.Array] = None) -> SampleOutput:
   """Samples ``max_new_tokens`` continuations of left-padded ``prompts`` (B, P).
 
   Args:
@@ -70,6 +72,10 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
     pad_id: written after a row has stopped.
     slot_mask, lora, lora_scale: forwarded to ``transformer.apply``.
     random_expert: every CMS router also activates one random extra expert (dreaming).
+    copy_span, copy_len, copy_trigger: entity copying (dreams that name their passage's
+      entity): the first time row b samples a token of ``copy_trigger`` (V,) bool (e.g. any
+      first name), it writes ``copy_span[b, :copy_len[b]]`` (B, K) instead, one token per step;
+      the log-probs are those of the tokens written. None: plain sampling.
   """
   B, P = prompts.shape
   N = max_new_tokens
@@ -90,6 +96,7 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
     logprobs: jax.Array  # (B, N) log-prob of each generated token
     live: jax.Array  # (B, N) whether position i of the completion is a real token
     done: jax.Array  # (B,) row has emitted a stop token
+    copied: jax.Array  # (B,) tokens of the copy span written so far
 
   def cond_fn(s: Loop):
     return (s.i < N) & ~jnp.all(s.done)
@@ -103,6 +110,13 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
       key = jax.random.fold_in(rng, s.i)
       tok = jax.random.categorical(key, _filter_logits(scaled, top_k, top_p), axis=-1)
     tok = tok.astype(jnp.int32)
+    copied = s.copied
+    if copy_trigger is not None:
+      start = (copied == 0) & (copy_len > 0) & copy_trigger[tok]
+      on = start | ((copied > 0) & (copied < copy_len))
+      k = jnp.clip(copied, 0, copy_span.shape[1] - 1)
+      tok = jnp.where(on, jnp.take_along_axis(copy_span, k[:, None], axis=1)[:, 0], tok)
+      copied = copied + on.astype(jnp.int32)
     lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
     is_live = ~s.done
     tok = jnp.where(is_live, tok, pad_id)
@@ -112,11 +126,12 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
                             route_rng=route(s.i + 1))
     return Loop(i=s.i + 1, next_logits=new_logits[:, -1], cache=cache,
                 tokens=s.tokens.at[:, s.i].set(tok), logprobs=s.logprobs.at[:, s.i].set(lp),
-                live=s.live.at[:, s.i].set(is_live), done=done)
+                live=s.live.at[:, s.i].set(is_live), done=done, copied=copied)
 
   init = Loop(i=jnp.zeros((), jnp.int32), next_logits=logits[:, -1], cache=cache,
               tokens=jnp.full((B, N), pad_id, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
-              live=jnp.zeros((B, N), bool), done=jnp.zeros((B,), bool))
+              live=jnp.zeros((B, N), bool), done=jnp.zeros((B,), bool),
+              copied=jnp.zeros((B,), jnp.int32))
   out = jax.lax.while_loop(cond_fn, body_fn, init)
 
   zeros = jnp.zeros((B, P), bool)

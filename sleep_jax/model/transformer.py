@@ -205,13 +205,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   left-padded); ``pos`` is each row's next RoPE position; ``valid`` marks slots holding tokens."""
   dt = jnp.dtype(dtype or cfg.dtype)
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
-  return {
+  cache = {
       "k": jnp.zeros(shape, dt),
       "v": jnp.zeros(shape, dt),
       "valid": jnp.zeros((batch, max_len), bool),
       "index": jnp.zeros((), jnp.int32),
       "pos": jnp.zeros((batch,), jnp.int32),
   }
+  if cfg.slot_gate_sticky:  # each slot gate's running maximum (cms.slot_scores)
+    cache["gate_max"] = jnp.full((cfg.n_layers, cfg.n_levels, batch, cfg.n_slots),
+                                 cms.GATE_FLOOR, jnp.float32)
+  return cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,19 +296,27 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
       o = o + lora_scale * ((flat @ lp["o"]["a"]) @ lp["o"]["b"])
     h = constrain(h + o, ("batch", "length", "embed"))
     rngs = (None,) * n_levels if rng is None else tuple(jax.random.split(rng, n_levels))
-    gates = {}
+    gates, running = {}, []
     for j in range(n_levels):
       lvl = jax.tree.map(lambda w: w.astype(dt), p[level_name(j)])
       z = rms_norm(h, lvl["norm"], cfg.norm_eps)
       mlp_lora = lp if j == n_levels - 1 else None
+      # Sticky gates continue from the cache's running maximum (a fresh input: from nothing).
+      m0 = kv["gate_max"][j] if kv is not None and "gate_max" in kv else None
+      sticky = (valid, m0) if cfg.slot_gate_sticky else None
       y = cms.level_apply(lvl, z, slot_mask[j], expert_top_k=cfg.expert_top_k,
                           slot_top_k=cfg.slot_top_k, route_rng=rngs[j], lora=mlp_lora,
-                          lora_scale=lora_scale, return_scores=return_gates)
+                          lora_scale=lora_scale, return_scores=return_gates, sticky=sticky)
+      if sticky is not None:
+        y, last = y
+        running.append(m0 if last is None else last)
       if return_gates:
         y, g = y
         if g is not None:
           gates[j] = g
       h = constrain(h + y, ("batch", "length", "embed"))
+    if new_kv is not None and "gate_max" in kv:
+      new_kv["gate_max"] = jnp.stack(running)
     return h, (new_kv, gates) if return_gates else new_kv
 
   if cfg.remat == "full":
@@ -314,7 +326,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
 
   xs = {"p": params["layers"]}
   if cache is not None:
-    xs["kv"] = {"k": cache["k"], "v": cache["v"]}
+    xs["kv"] = {k: cache[k] for k in ("k", "v", "gate_max") if k in cache}
   if route_rng is not None:
     xs["rng"] = jax.random.split(route_rng, cfg.n_layers)
   if lora is not None:
@@ -335,6 +347,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
   if cache is not None:
     new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": key_valid, "index": idx + T,
                  "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32)}
+    if "gate_max" in new_kv:
+      new_cache["gate_max"] = new_kv["gate_max"]
   return (out, new_cache, gates) if return_gates else (out, new_cache)
 
 

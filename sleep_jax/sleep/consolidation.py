@@ -42,66 +42,13 @@ from sleep_jax.losses import rewards as rewards_lib
 from sleep_jax.losses.registry import build_loss, get_divergence
 from sleep_jax.model import growth, sampler, transformer
 from sleep_jax.model.config import ModelConfig
+from sleep_jax.sleep import consolidation_config
 from sleep_jax.train import fit as fit_lib
 from sleep_jax.train import optimizer as opt_lib
 from sleep_jax.train import state as state_lib
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration.
-# ----------------------------------------------------------------------------------------------
-def default_config() -> ml_collections.ConfigDict:
-  """Every knob of one consolidation event. Paper values (App. B): lr 5e-6, batch 32, 100 steps."""
-  c = ml_collections.ConfigDict()
-  c.enabled = True
-  c.steps = 100
-  c.batch_size = 32
-  c.optimizer = ml_collections.ConfigDict(dict(name="adam", lr=5e-6, b1=0.9, b2=0.95,
-                                                grad_clip=1.0))
-  c.source_level = -1  # -1: the context (memory level 0); j >= 0: CMS level j
-  c.target_level = 0  # CMS level that receives the new slot
-  c.expand = True  # False: "no expansion" ablation, train the existing parameters instead
-  c.slots = 1  # slots unlocked (and trained together) per consolidation: capacity = slots x rank
-  c.lr_existing = 1e-5  # learning rate when existing parameters train (expand=False)
-  c.prune = True  # reset the source level's slots afterwards
-  # The objective (a registered loss, ``losses/objectives.py``) and its divergence (registered,
-  # ``losses/divergences.py``): any registered name plugs in.
-  c.objective = "knowledge_seeding"
-  c.lam = 0.5  # GKD: fraction of the divergence term on student samples
-  c.divergence = "jsd"
-  c.divergence_kwargs = ml_collections.ConfigDict()  # e.g. {"beta": 0.5} for jsd
-  c.temperature = 1.0  # of the divergence
-  c.alpha = 0.8  # KS: weight of the divergence; 1 - alpha weighs the imitation reward
-  c.gamma = 0.5  # LTI: weight of the semantic reward (0: "no semantic reward")
-  c.z0 = 0.0  # LTI: r_abs = 0 when lev > z0 (0 or less: no threshold)
-  c.advantage = "reinforce"
-  c.teacher_samples = 4  # samples per prompt in the teacher dataset D
-  c.max_new_tokens = 16
-  c.sample_temperature = 1.0
-  c.sample_top_k = 0
-  # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
-  # mixed into each sleep, this fraction of the new ones.
-  c.replay_fraction = 0.0
-  # What a replayed document brings (``phases.replayed_dream_items``): "passages" its own items;
-  # "dreams" its accepted dreams' questions, taught again; "dreams_kept" those as anchors.
-  c.replay_items = "passages"
-  # beta: weight of the student's cross-entropy on answers the source supports (a document's
-  # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
-  c.ce_weight = 0.0
-  # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
-  # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
-  c.anchor_prompts = 0
-  c.anchor_closed_book = 0.5  # world: the closed-book share of them (the rest: reading)
-  c.value_anchors = 0  # more anchors: known people whose answer is a value of the new chunk
-  c.gate_weight = 0.0  # eta of ``objectives.gate_loss``: the new slot opens on new items only
-  # Where the gate term acts: "answer" (the positions that predict an answer) or "anchor_all"
-  # (also every position of an anchor item: shut over the whole unrelated input).
-  c.gate_positions = "answer"
-  # "" = the items are the task's wake questions; a dream-style template (``"{context} Q:
-  # {title}"``) = one item per document and none of the task's questions (the teacher writes
-  # its own question about the document's entity; ``tasks.base.template_items``).
-  c.prompt_template = ""
-  return c
+default_config = consolidation_config.default_config  # every knob: ``config.consolidation``
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +100,21 @@ def _bucket(n: int, b: int = 16) -> int:
   return max(b, -(-n // b) * b)
 
 
+def item_draw(host_rng: np.random.Generator, n_items: int, batch: int,
+              gate_targets: Optional[Sequence[float]], anchor_share: float) -> np.ndarray:
+  """(batch,) item indices: uniform over the items, or with ``anchor_share`` > 0 each row an
+  anchor (gate target 0) with that probability and otherwise a new item."""
+  if anchor_share <= 0:
+    return host_rng.integers(0, n_items, size=batch)
+  y = np.asarray(gate_targets if gate_targets is not None else [1.0] * n_items)
+  anchors, new = np.flatnonzero(y < 0.5), np.flatnonzero(y >= 0.5)
+  if not len(anchors) or not len(new):
+    return host_rng.integers(0, n_items, size=batch)
+  pick_anchor = host_rng.random(batch) < anchor_share
+  return np.where(pick_anchor, anchors[host_rng.integers(len(anchors), size=batch)],
+                  new[host_rng.integers(len(new), size=batch)])
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +164,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     if kcfg.get("gate_positions", "answer") != "answer":
       hparams["gate_positions"] = kcfg.gate_positions
     gate_slots = jnp.asarray(student.slot_mask) & ~jnp.asarray(teachers[0].slot_mask)
+  anchor_share = float(kcfg.get("anchor_share", 0.0))
   make_loss = lambda: build_loss(kcfg.objective, cfg=student.cfg, **hparams)
   make_loss()
   get_divergence(kcfg.divergence)
@@ -276,7 +239,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   def next_batch(i, st):
     t_idx = i % len(teachers)
     teacher = teachers[t_idx]
-    items = host_rng.integers(0, n_items, size=B)
+    items = item_draw(host_rng, n_items, B, gate_targets, anchor_share)
     picks = [D[t_idx][k][host_rng.integers(len(D[t_idx][k]))] for k in items]
     batch = {}
     if need_off:

@@ -124,19 +124,28 @@ def prompt_batch(context_prompts, m: int, pad_id: int = 0):
 def sample_dreams(params, cfg: ModelConfig, slot_mask, context_prompts, rng, m: int,
                   max_new_tokens: int, temperature: float = 1.0, random_expert: bool = True,
                   gen_lora=None, *, gen_lora_scale: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0
-                  ) -> sampler.SampleOutput:
+                  top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0,
+                  copy=None) -> sampler.SampleOutput:
   """``m`` dreams ``d_i ~ LM_gen(. | prompt_{i mod P})`` with the one sampler.
 
   ``LM_gen`` is ``params`` plus ``gen_lora`` (scaled by ``gen_lora_scale``) when given. With
   ``random_expert`` every CMS router also turns on one uniformly random live, unselected expert
   (and slot) per token (``sampler.sample(random_expert=True)`` -> ``transformer.apply(route_rng)``).
+  ``copy``: ``(spans (P, K), lengths (P,), trigger (V,))`` per context prompt, the sampler's
+  entity copying (``sampler.sample(copy_span=...)``); None: plain sampling.
   Returns the sampler's ``SampleOutput`` (m, P + N).
   """
-  toks, valid, _ = prompt_batch(context_prompts, m, pad_id)
+  toks, valid, idx = prompt_batch(context_prompts, m, pad_id)
+  kw = {}
+  if copy is not None:
+    spans, lens, trigger = copy
+    kw = dict(copy_span=jnp.asarray(np.asarray(spans)[idx], jnp.int32),
+              copy_len=jnp.asarray(np.asarray(lens)[idx], jnp.int32),
+              copy_trigger=jnp.asarray(trigger, bool))
   return sampler.sample(params, toks, valid, rng, cfg=cfg, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         stop_tokens=tuple(stop_tokens), pad_id=pad_id, slot_mask=slot_mask,
-                        lora=gen_lora, lora_scale=gen_lora_scale, random_expert=random_expert)
+                        lora=gen_lora, lora_scale=gen_lora_scale, random_expert=random_expert,
+                        **kw)
 
 

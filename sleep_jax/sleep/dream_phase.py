@@ -52,10 +52,11 @@ def written_questions(st: SleepState, ctx: Context, docs, dcfg, key):
   out = dreaming.sample_dreams(st.params, s.cfg, st.slot_mask, prompts, key,
                                int(dcfg.tau_samples) * len(prompts), int(dcfg.max_new_tokens),
                                float(dcfg.temperature), False, stop_tokens=s.fmt.stop_ids,
-                               pad_id=s.tok.pad_id)
+                               pad_id=s.tok.pad_id,
+                               copy=task_lib.entity_copy(s, docs, tpl, bool(dcfg.copy_title)))
   toks, cm = np.asarray(out.tokens), np.asarray(out.completion_mask, bool)
   dreams = [(r[c_].tolist(), i % len(prompts)) for i, (r, c_) in enumerate(zip(toks, cm))]
-  texts, passages = _dream_texts(s.tok, docs, tpl, dreams)
+  texts, passages = _dream_texts(s.tok, docs, tpl, dreams, bool(dcfg.copy_title))
   items = list(dict.fromkeys((p, q, "") for x, p in zip(texts, passages)
                              for q, _ in dream_qa.parse_qa_pairs(x)))
   index = {d.passage: i for i, d in enumerate(docs)}
@@ -100,18 +101,19 @@ def dream_inputs(st: SleepState, ctx: Context, docs, dcfg, rng: np.random.Genera
   return prompts, tau, cand, np.asarray(tau_doc, np.int32)
 
 
-def closed_book_view(fmt, docs, templates):
-  """``trial_view`` of dreams written from ``"{context} ... {title}"`` templates: the passage
-  is hidden (``valid`` False; positions count visible tokens only), so scoring and the trials
-  read each dream exactly as bos + the template's question opening (``Q: <title>``) + the dream:
-  the closed-book format it is consolidated and asked in."""
+def closed_book_view(fmt, docs, templates, copy_title: bool = False):
+  """``trial_view`` of dreams written from ``"{context} ... {title}"`` templates (or, copying
+  the entity, ``"{context} Q:"``): the passage is hidden (``valid`` False; positions count
+  visible tokens only), so scoring and the trials read each dream exactly as bos + the
+  template's question opening (``Q: <title>``) + the dream: the closed-book format it is
+  consolidated and asked in."""
   tpls, bos = list(templates.values()), fmt.bos()
   keep = []  # per prompt: its trailing tokens that stay visible
   for d in docs:
     for tpl in tpls:
       full, tail = fmt.dream_prompt(d.passage, tpl, d.title), fmt.dream_prompt("", tpl, d.title)
       tail = tail[len(bos):]
-      if "{title}" not in tpl or full[len(full) - len(tail):] != tail:
+      if not task_lib.opens_question(tpl, copy_title) or full[len(full) - len(tail):] != tail:
         raise ValueError(f"dreaming.trial_view='closed_book' needs templates that end in a "
                          f"question's opening with {{title}}; got {tpl!r}")
       keep.append(len(tail))
@@ -146,12 +148,14 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
   if dcfg.trial_view not in ("as_written", "closed_book"):
     raise ValueError(f"dreaming.trial_view={dcfg.trial_view!r}; valid: 'as_written', "
                      "'closed_book'")
-  view = (closed_book_view(ctx.setup.fmt, docs, dcfg.templates)
+  copy_title = bool(dcfg.copy_title)
+  view = (closed_book_view(ctx.setup.fmt, docs, dcfg.templates, copy_title)
           if dcfg.trial_view == "closed_book" else None)
   run = lambda on_round: dreaming.dream(
       st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg, generator=st.generator,
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id, candidates=cand,
-      on_round=on_round, trial_view=view, task_groups=groups)
+      on_round=on_round, trial_view=view, task_groups=groups,
+      copy=task_lib.entity_copy(ctx.setup, docs, dcfg.templates, copy_title))
   if t is None:
     return run(None)
   return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False)
@@ -183,13 +187,14 @@ def _written_and_kept(st: SleepState, ctx: Context, t: int):
   # dreams that are about the passage?
   qa = "qa" in dcfg.templates or bool(dcfg.qa_items)
   measure = dream_qa.quality if qa else dream_qa.continuation_quality
-  texts, passages = _dream_texts(ctx.setup.tok, ddocs, dcfg.templates, res.written)
+  copy_title = bool(dcfg.copy_title)
+  texts, passages = _dream_texts(ctx.setup.tok, ddocs, dcfg.templates, res.written, copy_title)
   passages = [back[p] for p in passages]
   info.update({f"written_{k}": v for k, v in measure(texts, passages).items()})
   texts, passages = _dream_texts(ctx.setup.tok, ddocs, dcfg.templates, [
       (r[c_].tolist(), int(pi)) for r, c_, pi in zip(
           np.asarray(res.dreams.tokens), np.asarray(res.dreams.completion_mask, bool),
-          np.asarray(res.prompt_index))])
+          np.asarray(res.prompt_index))], copy_title)
   passages = [back[p] for p in passages]
   info.update(measure(texts, passages))
   if qa:  # dreams asked to be questions about the passage
@@ -226,7 +231,16 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
     asked.setdefault(ids[p], []).append(q)
   st.memory.annotate(t, {i: {phases.DREAM_QUESTIONS: list(dict.fromkeys(qs))}
                          for i, qs in asked.items()})
-  st, out = phases.consolidate(st, ctx, t, extra=(teacher, student))
+  # Hard negatives for the new slot's gate (``consolidation.decoys``): the same questions about
+  # names mixed from two of the chunk's people, kept as the model woke up.
+  kcfg = methods_lib.consolidation_config(ctx.method, ctx.config.consolidation)
+  decoys = dream_qa.decoy_questions(triples, ctx.setup.chunks[t],
+                                    np.random.default_rng([ctx.seed, t, 23]),
+                                    float(kcfg.get("decoys", 0.0)))
+  if decoys:
+    info["decoy_anchors"] = len(decoys)
+  st, out = phases.consolidate(st, ctx, t, extra=(teacher, student),
+                               anchors=[ctx.setup.fmt.closed_book(q) for q in decoys])
   info["dream_training_items"] = len(teacher)
   return st, {**info, **out}
 
@@ -268,7 +282,8 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   teacher = [r[v & ~c_].tolist() for r, v, c_ in zip(toks, valid, cm)]
   student = [s.fmt.bos()] * len(res)
   if dcfg.get("student_prompt", "bos") == "template":
-    student = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index)
+    student = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index,
+                                       bool(dcfg.copy_title))
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
   if dcfg.qa_items and triples:
     # The dream's questions in the query format: the model reading the passage answers each
@@ -289,25 +304,27 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   return st, info
 
 
-def template_student_prompts(fmt, docs, templates, prompt_index) -> List[List[int]]:
+def template_student_prompts(fmt, docs, templates, prompt_index,
+                             copy_title: bool = False) -> List[List[int]]:
   """Student prompts of dreams in the query format: each dream's template with its passage
   left out (``task_lib.dream_heads``); bos for offered task variants."""
-  heads = task_lib.dream_heads(fmt, docs, templates)
+  heads = task_lib.dream_heads(fmt, docs, templates, copy_title)
   return [heads[pi] if pi >= 0 else fmt.bos() for pi in (int(i) for i in prompt_index)]
 
 
-def _dream_texts(tok, docs, templates, dreams):
+def _dream_texts(tok, docs, templates, dreams, copy_title: bool = False):
   """The text of each (completion tokens, prompt index) dream the model wrote (prompt index
   >= 0: not an offered task variant) about ``docs`` and the passage it was prompted with. A
-  template that ends in a question's opening (``"{context} Q: {title}"``) begins the dream's
-  text with it."""
+  template that ends in a question's opening (``"{context} Q: {title}"``; ``"{context} Q:"``
+  with ``copy_title``) begins the dream's text with it."""
   tpls = list(templates.values())
   own = [(toks, pi) for toks, pi in dreams if pi >= 0]
 
   def text(toks, pi):
     head = tpls[pi % len(tpls)].split("{context}")[-1].format(title=docs[pi // len(tpls)].title)
     body = tok.decode([int(x) for x in toks])
-    return f"{head.strip()} {body}".strip() if "{title}" in tpls[pi % len(tpls)] else body
+    opens = task_lib.opens_question(tpls[pi % len(tpls)], copy_title)
+    return f"{head.strip()} {body}".strip() if opens else body
 
   return ([text(toks, pi) for toks, pi in own],
           [docs[pi // len(tpls)].passage for _, pi in own])

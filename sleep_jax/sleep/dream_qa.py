@@ -16,6 +16,8 @@ import dataclasses
 import re
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
+
 from sleep_jax.losses.rewards import normalize_answer
 
 _QA = re.compile(r"(?:^|\n|\s)(?:Q|Question)\s*\d*\s*[:.)]\s*(?P<q>.+?)\s*"
@@ -107,6 +109,28 @@ def fact_coverage(triples: Sequence[Tuple[str, str, str]], docs) -> float:
   facts = [(d.passage, normalize_answer(q.answer)) for d in docs
            for q in {q.answer: q for q in d.train_questions + d.eval_questions}.values()]
   return sum(a in said.get(p, ()) for p, a in facts) / len(facts) if facts else 0.0
+
+
+def decoy_questions(triples: Sequence[Tuple[str, str, str]], docs, rng: np.random.Generator,
+                    per_question: float) -> List[str]:
+  """Questions about no one: ``per_question`` x as many as ``triples`` (passage, question,
+  answer), each a dream question with its document's entity renamed to a mix of two of the
+  documents' names (its first word and another title's last word, or the reverse). Hard
+  negatives for the new slot's gate: it must open on the whole name, not on a part of it."""
+  titles = {d.passage: d.title for d in docs}
+  names = sorted({d.title for d in docs})
+  usable = [(titles[p], q) for p, q, _ in triples if p in titles and titles[p] in q]
+  if not usable or len(names) < 2:
+    return []
+  out = []
+  for i in rng.choice(len(usable), int(round(per_question * len(triples)))):
+    title, q = usable[int(i)]
+    other = names[int(rng.integers(len(names)))]
+    mixed = (f"{title.split()[0]} {other.split()[-1]}" if rng.random() < 0.5
+             else f"{other.split()[0]} {title.split()[-1]}")
+    if mixed not in titles.values():
+      out.append(q.replace(title, mixed))
+  return out
 
 
 def qa_items(fmt, pairs_with_passages: Sequence[Tuple[str, str, str]]):

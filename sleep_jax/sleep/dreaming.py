@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.random_expert = True  # every router also activates one random extra expert while dreaming
   c.templates = dict(DEFAULT_TEMPLATES)  # name -> "...{context}..." (used by DreamTemplates)
+  # Entity copying (a template that ends in a question's opening without ``{title}``, e.g.
+  # "{context} Q:"): the model words the question its own way and, where it first writes a
+  # name, the sampler writes the passage's entity (``Setup.entity_starts``; the world).
+  c.copy_title = False
   # Scoring and selection (steps 2-3).
   c.score = "grad_norm"  # grad_norm | grad_align | random
   c.k = 4  # top-k by score
@@ -160,7 +164,7 @@ class Dreamer:
                slot_mask=None, generator: Optional[Generator] = None, rng=None,
                task_score_fn: Callable = task_log_likelihood, stop_tokens: Sequence[int] = (),
                pad_id: int = 0, trial_view: Optional[Callable] = None,
-               task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+               task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None, copy=None):
     if config.score not in SCORE_RULES:
       raise ValueError(f"dreaming score {config.score!r}; valid: {SCORE_RULES}")
     self.params, self.cfg, self.config = params, cfg, config
@@ -172,6 +176,7 @@ class Dreamer:
     # ``(group of each tau row, group of each dream prompt)``: a trial is scored on the tau rows
     # of its own prompt's group (its passage) only; candidates on every row.
     self.task_groups = task_groups
+    self.copy = copy  # entity copying per context prompt (``sample_dreams``), or None
     if generator is None:
       r = config.rest_em
       generator = init_generator(jax.random.key(0) if rng is None else rng, cfg, r.rank, r.alpha,
@@ -191,7 +196,7 @@ class Dreamer:
     out = sample_dreams(self.params, cfg, self.slot_mask, context_prompts, r_sample, c.m,
                         c.max_new_tokens, c.temperature, c.random_expert, self.generator.lora,
                         gen_lora_scale=self.generator.scale, top_k=c.top_k, top_p=c.top_p,
-                        stop_tokens=self.stop_tokens, pad_id=self.pad_id)
+                        stop_tokens=self.stop_tokens, pad_id=self.pad_id, copy=self.copy)
     dreams = written = as_dreams(out)
     if candidates is not None:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
@@ -293,7 +298,7 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           candidates: Optional[Dreams] = None,
           on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
           trial_view: Optional[Callable] = None,
-          task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> DreamResult:
+          task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None, copy=None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
@@ -301,7 +306,7 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``);
   ``on_round``: called after each round with its scalar metrics (progress, training curves);
   ``trial_view``: how scoring and the trials read the dreams; ``task_groups``: score each trial
-  on its own passage's tau rows (``Dreamer``).
+  on its own passage's tau rows (``Dreamer``); ``copy``: entity copying (``sample_dreams``).
   """
   config = default_config() if config is None else config
   if not config.enabled:
@@ -309,5 +314,5 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   r_gen, r_run = jax.random.split(rng)
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
               task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id,
-              trial_view=trial_view, task_groups=task_groups)
+              trial_view=trial_view, task_groups=task_groups, copy=copy)
   return d.run(context_prompts, task_batch, r_run, candidates, on_round)

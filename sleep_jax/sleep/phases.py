@@ -126,7 +126,8 @@ def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
     bar.close()
 
 
-def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[SleepState, Metrics]:
+def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
+                anchors=()) -> Tuple[SleepState, Metrics]:
   """Knowledge Seeding from the model that sees the passage into a new slot of CMS level 0 (the
   SFT baselines fine-tune here instead).
 
@@ -134,7 +135,8 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
   per document in that template (the task's questions go to no method), plus ``extra``
   (teacher prompts, student prompts): questions the model wrote about the passages
   (``dream_phase.consolidate``), with no supported answer given. Replayed documents of earlier
-  chunks bring their own items or their stored dream questions (``consolidation.replay_items``)."""
+  chunks bring their own items or their stored dream questions (``consolidation.replay_items``).
+  ``anchors``: more anchor prompts for this sleep (e.g. decoys about no one)."""
   m = ctx.method
   if m.learn == "sft":
     st.params = sft(st, ctx, t)
@@ -149,7 +151,8 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None) -> Tuple[Sleep
   n_replayed = len(old_student)
   docs = ctx.setup.chunks[t] + [d for d in replayed if d.id not in covered]
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + task_lib.value_anchors(
-      ctx.setup, docs, int(kcfg.get("value_anchors", 0)), np.random.default_rng([ctx.seed, t]))
+      ctx.setup, docs, int(kcfg.get("value_anchors", 0)),
+      np.random.default_rng([ctx.seed, t])) + list(anchors)
   if mode == "dreams_kept":  # kept as the model woke up, with the new slot shut on them
     anchors, old_teacher, old_student = anchors + old_student, [], []
   template = str(kcfg.get("prompt_template", ""))
@@ -265,9 +268,11 @@ def sft(st: SleepState, ctx: Context, t: int):
                                  task_lib.dream_prompts(s, docs, dcfg.templates),
                                  ctx.key(t, "selfgen"), int(dcfg.m), int(dcfg.max_new_tokens),
                                  float(dcfg.temperature), bool(dcfg.random_expert),
-                                 stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id)
+                                 stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id,
+                                 copy=task_lib.entity_copy(s, docs, dcfg.templates,
+                                                           bool(dcfg.copy_title)))
     # A dream written after "Q: <name>" is studied after it (the query format), others alone.
-    heads = task_lib.dream_heads(s.fmt, docs, dcfg.templates)
+    heads = task_lib.dream_heads(s.fmt, docs, dcfg.templates, bool(dcfg.copy_title))
     extra = dreams_as_rows(dreaming.as_dreams(out), [heads[i % len(heads)]
                                                      for i in range(int(dcfg.m))],
                            int(c.seq_len), s.tok.pad_id)

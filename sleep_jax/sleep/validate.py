@@ -18,6 +18,7 @@ POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.ma
 CHOICES = {"eval.metric": ("em", "contains"), "eval.rows": ("all", "latest"),
            "on_config_change": ("error", "restart"), "model_source": ("world", "gguf"),
            "consolidation.replay_items": ("passages", "dreams", "dreams_kept"),
+           "consolidation.anchor_people": ("qa", "everyone"),
            "dreaming.stage": ("after", "before"), "dreaming.tau_scope": ("all", "passage"),
            "dreaming.tau_target": ("self", "gold", "written"),
            "dreaming.trial_view": ("as_written", "closed_book"),
@@ -50,6 +51,11 @@ def check(config) -> None:
     if _get(c, key) not in valid:
       raise UserError(f"config.{key}={_get(c, key)!r}; valid: {', '.join(valid)}")
   tasks.get(c.data.source)
+  if float(c.consolidation.decoys) < 0:
+    raise UserError(f"config.consolidation.decoys={c.consolidation.decoys} must be >= 0")
+  if not 0.0 <= float(c.consolidation.anchor_share) < 1.0:
+    raise UserError(f"config.consolidation.anchor_share={c.consolidation.anchor_share} must be "
+                    "in [0, 1)")
   if c.data.source == "world" and int(c.world_chunks) < 1:
     raise UserError(f"config.world_chunks={c.world_chunks} must be >= 1")
   for key in ("data.chunk_size", "data.max_documents"):

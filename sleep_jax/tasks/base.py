@@ -50,6 +50,9 @@ class Setup:
   # Generic prompts with the base's continuations (``eval.kl_probe.KLProbe``): the retention
   # probes then also report ``kl_to_base``, KL(base || model) there (0 for the base).
   kl_probe: Optional[Any] = None
+  # (V,) bool: the tokens that begin an entity's name (world: every first name), for dreams
+  # that copy their passage's entity where they name one (``dreaming.copy_title``).
+  entity_starts: Optional[np.ndarray] = None
 
 
 def _same_setup(config, setup: Setup, seed: int) -> Setup:
@@ -108,12 +111,35 @@ def template_items(setup: Setup, docs: Sequence[documents.Document], template: s
           [setup.fmt.dream_prompt("", template, d.title) for d in docs])
 
 
-def dream_heads(fmt, docs: Sequence[documents.Document], templates) -> List[List[int]]:
+def dream_heads(fmt, docs: Sequence[documents.Document], templates,
+                copy_title: bool = False) -> List[List[int]]:
   """What a dream is studied after, one per (document, template) like ``dream_prompts``: the
-  template without the passage when it names the entity (``"{context} Q: {title}"`` ->
-  ``"Q: <title>"``, the query format), else bos (the dream as standalone text)."""
-  return [fmt.dream_prompt("", tpl, d.title) if "{title}" in tpl else fmt.bos()
+  template without the passage when it opens a question about the entity (``"{context} Q:
+  {title}"`` -> ``"Q: <title>"``, or with ``copy_title`` ``"{context} Q:"`` -> ``"Q:"``: the
+  query format), else bos (the dream as standalone text)."""
+  return [fmt.dream_prompt("", tpl, d.title) if opens_question(tpl, copy_title) else fmt.bos()
           for d in docs for tpl in templates.values()]
+
+
+def opens_question(template: str, copy_title: bool = False) -> bool:
+  """Whether a dream template ends in the opening of a question about the document's entity:
+  it names it (``{title}``) or the sampler copies it in (``dreaming.copy_title``)."""
+  return "{title}" in template or copy_title
+
+
+def entity_copy(setup: Setup, docs: Sequence[documents.Document], templates, on: bool):
+  """``dream_batches.sample_dreams``' ``copy`` for one prompt per (document, template): each
+  document's title tokens and the setup's entity-start tokens; None when ``on`` is False."""
+  if not on:
+    return None
+  if setup.entity_starts is None:
+    raise ValueError("dreaming.copy_title needs a task that marks the tokens names begin with "
+                     "(Setup.entity_starts: the world)")
+  spans = [setup.tok.encode(d.title) for d in docs for _ in templates]
+  out = np.zeros((len(spans), max(map(len, spans))), np.int32)
+  for i, sp in enumerate(spans):
+    out[i, :len(sp)] = sp
+  return out, np.asarray([len(sp) for sp in spans], np.int32), setup.entity_starts
 
 
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:

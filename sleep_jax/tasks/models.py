@@ -41,7 +41,10 @@ def _with_slots(config, params, cfg):
   n = int(config.get("model_slots", 0))
   params, cfg = growth.allocate_slots(params, cfg, n) if n else (params, cfg)
   # ``model_gate_hidden`` > 0: every slot's gate gets a hidden layer (silent until trained).
-  return growth.add_slot_gates(params, cfg, int(config.get("model_gate_hidden", 0)))
+  params, cfg = growth.add_slot_gates(params, cfg, int(config.get("model_gate_hidden", 0)))
+  if config.get("model_gate_sticky", False):  # a gate that opened on a name stays open
+    cfg = dataclasses.replace(cfg, slot_gate_sticky=True)
+  return params, cfg
 
 
 def load(config, workdir: str, log=print) -> Model:

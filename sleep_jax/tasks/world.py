@@ -29,14 +29,17 @@ def setup(config, model: models.Model) -> Setup:
   chunks = [documents.world_documents(world, world.chunk(k)[:c.data.chunk_size or None],
                                       int(c.data.passages_per_person))
             for k in range(c.world_chunks)]
-  extra, anchors, by_value = {}, [], {}
+  extra, anchors, by_value, starts = {}, [], {}, None
   if c.model_source == "world":
+    starts = np.zeros(model.cfg.vocab_size, bool)  # the tokens a person's name begins with
+    starts[[model.tok.encode(f)[0] for f in world.first_names]] = True
     n = int(c.eval.retention_people)
     extra = {"retention_qa": (documents.world_documents(world, world.population("qa")[:n]), False),
              "in_context_heldout": (documents.world_documents(
                  world, world.population("heldout")[:n]), True)}
     anchors = _anchor_prompts(world, model.fmt, n, int(c.consolidation.anchor_prompts),
-                              float(c.consolidation.get("anchor_closed_book", 0.5)))
+                              float(c.consolidation.get("anchor_closed_book", 0.5)),
+                              str(c.consolidation.get("anchor_people", "qa")))
     if int(c.consolidation.get("value_anchors", 0)):
       by_value = _anchors_by_value(world, model.fmt, n)
     # Generic prompts of the world: the opening words of biographies the base was trained on.
@@ -46,7 +49,7 @@ def setup(config, model: models.Model) -> Setup:
     extra, texts = _real_model_probes(c), kl_probe.read_prompts()[:int(c.eval.kl_prompts)]
   return Setup(model.params, model.cfg, model.tok, model.fmt, chunks, extra, model.base_metrics,
                anchor_prompts=anchors, anchors_by_value=by_value,
-               kl_probe=_kl_probe(c, model, texts))
+               kl_probe=_kl_probe(c, model, texts), entity_starts=starts)
 
 
 def _real_model_probes(config):
@@ -69,15 +72,24 @@ def _kl_probe(config, model: models.Model, texts):
                         batch_size=int(config.eval.batch_size))
 
 
-def _anchor_prompts(world, fmt, skip: int, k: int, closed_book: float = 0.5):
+def _anchor_prompts(world, fmt, skip: int, k: int, closed_book: float = 0.5,
+                    people: str = "qa"):
   """k prompts: closed-book questions about QA-population people after the first ``skip`` (the
   retention probe's), a ``closed_book`` fraction of them, and in-context questions about
   reading-population people (never a probe), interleaved: what the base already does and the
-  sleep must keep. One question per person."""
+  sleep must keep. One question per person. ``people="everyone"``: the closed-book ones are
+  about a shuffled mix of those QA people and people the base never answered about closed-book
+  (pretraining and reading populations): names of every kind the new slot must stay shut on."""
   if not 0.0 <= closed_book <= 1.0:
     raise ValueError(f"consolidation.anchor_closed_book={closed_book} must be in [0, 1]")
+  if people not in ("qa", "everyone"):
+    raise ValueError(f"consolidation.anchor_people={people!r}; valid: 'qa', 'everyone'")
   n_qa = math.ceil(closed_book * k)
-  qa = documents.world_documents(world, world.population("qa")[skip:skip + n_qa])
+  pool = world.population("qa")[skip:]
+  if people == "everyone":
+    pool = pool + world.population("pretrain") + world.population("reading")[k - n_qa:]
+    pool = [pool[i] for i in np.random.default_rng(1).permutation(len(pool))]
+  qa = documents.world_documents(world, pool[:n_qa])
   reading = documents.world_documents(world, world.population("reading")[:k - n_qa])
   rng = np.random.default_rng(0)
   out = []
