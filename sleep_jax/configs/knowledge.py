@@ -190,7 +190,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant in ("default", "written", "written_sticky"):  # 2 chunks: the six methods in ~10 min on 2 cores
+    if variant in ("default", "written", "written_sticky"):
+      # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).

@@ -104,11 +104,9 @@ def item_draw(host_rng: np.random.Generator, n_items: int, batch: int,
               gate_targets: Optional[Sequence[float]], anchor_share: float) -> np.ndarray:
   """(batch,) item indices: uniform over the items, or with ``anchor_share`` > 0 each row an
   anchor (gate target 0) with that probability and otherwise a new item."""
-  if anchor_share <= 0:
-    return host_rng.integers(0, n_items, size=batch)
-  y = np.asarray(gate_targets if gate_targets is not None else [1.0] * n_items)
+  y = np.asarray(gate_targets if gate_targets is not None else [], np.float32)
   anchors, new = np.flatnonzero(y < 0.5), np.flatnonzero(y >= 0.5)
-  if not len(anchors) or not len(new):
+  if anchor_share <= 0 or not len(anchors) or not len(new):
     return host_rng.integers(0, n_items, size=batch)
   pick_anchor = host_rng.random(batch) < anchor_share
   return np.where(pick_anchor, anchors[host_rng.integers(len(anchors), size=batch)],
