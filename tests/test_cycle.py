@@ -235,7 +235,8 @@ def _spy_items(monkeypatch):
   return seen
 
 
-@pytest.mark.parametrize("mode", ["dreams_kept", "dreams"])
+# "dreams" (not the variant's mode) runs with the slow tests: the default run's 10 minutes.
+@pytest.mark.parametrize("mode", ["dreams_kept", pytest.param("dreams", marks=pytest.mark.slow)])
 def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dreams(
     tmp_path, base_cache, monkeypatch, mode):
   """``knowledge.py:written``'s settings through the driver. Consolidation's items are one
