@@ -38,6 +38,14 @@ def test_train_flops_formula_smollm2():
   assert f["model_flops"] == 6 * n["total"] * 256 + 6 * 30 * 9 * 64 * 2 * 128 ** 2
 
 
+def test_measure_reports_walls_and_free_cores():
+  from sleep_jax.bench.harness import measure
+  m = measure([lambda: sum(range(100000))] * 2)
+  assert len(m["walls_s"]) == 2 and all(w > 0 for w in m["walls_s"])
+  assert m["free_cores"] is None or 0.0 <= m["free_cores"] <= 1.0
+  assert m["cpu_util"] >= 0.0
+
+
 def test_published_peaks():
   assert bench.published_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert bench.published_peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -75,3 +83,19 @@ def test_cli_quick_schema(tmp_path):
   names = [t["name"] for t in res["targets"]]  # CPU: the GPU-only 1B target is left out
   assert len(names) == 8 and all({"target", "measured", "met"} <= set(t) for t in res["targets"])
   assert "matmul_peak" in md.read_text()
+
+
+@pytest.mark.slow
+def test_sleep_step_quick(tmp_path):
+  """The sleep_step part end to end on the tiny model: every part timed, a positive bound."""
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  p = subprocess.run([sys.executable, "-m", "sleep_jax.bench", "--quick", "--only", "sleep_step",
+                      "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  part = json.loads(out.read_text())["parts"]["sleep_step"]
+  assert set(part["parts_s"]) == {"sample", "teacher_forward", "rewards", "student_update", "host"}
+  assert part["parts_s"]["student_update"] > 0 and part["lower_bound_s"] > 0
+  assert part["step_over_bound"] > 1.0

@@ -192,6 +192,14 @@ def test_top_k_one_equals_greedy(params):
   np.testing.assert_array_equal(g.tokens, p0.tokens)
 
 
+def test_nucleus_filter_only_below_one():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  # top_p = 1 keeps every token exactly (the sort is skipped); below 1 the nucleus is cut.
+  np.testing.assert_array_equal(sampler._filter_logits(logits, 0, jnp.float32(1.0)), logits)
+  cut = np.asarray(sampler._filter_logits(logits, 0, jnp.float32(0.7)))
+  np.testing.assert_array_equal(np.isfinite(cut), [[True, True, False, False]])
+
+
 def test_config_validation():
   with pytest.raises(ValueError, match="n_experts"):
     config.tiny(n_experts=(1, 1, 1))

@@ -228,3 +228,28 @@ def test_cached_train_step_reuses_one_compiled_step_per_key():
     state, m = step(state, {})
   assert int(state.step) == 2 and float(m["loss"]) < 3.0
   assert step.jitted._cache_size() == 1  # one compilation for both calls
+
+
+def test_optimizer_state_covers_only_the_trained_arrays():
+  """fit.new_state gives frozen arrays no optimizer state, and the consolidation's step (only the
+  trained arrays differentiated and updated) equals the full-state step bit for bit."""
+  from sleep_jax.train import fit as fit_lib
+  shapes = transformer.param_shapes(CFG)
+  mask = st.slot_trainable(shapes, transformer.param_axes(CFG), level=1, slot=0)
+  mask = jax.tree.map(lambda m, s: np.broadcast_to(m, s.shape), mask, shapes)
+  params = _numpy_init(CFG, 2)(None)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+  extras = _live_slots(CFG)
+  sparse, _ = fit_lib.new_state(params, tx, 0, mask, extras)
+  n_trained = sum(bool(np.any(m)) for m in jax.tree.leaves(mask))
+  assert len(jax.tree.leaves(sparse.opt_state)) == 2 * n_trained + 1  # mu, nu per array + count
+  full = sparse.replace(opt_state=tx.init(sparse.params))
+  sparse_step = step_lib.make_train_step(make_lm_loss(CFG), tx, donate=False,
+                                         differentiate=st.trainable_arrays(mask))
+  full_step = step_lib.make_train_step(make_lm_loss(CFG), tx, donate=False)
+  for b in _batches(2, seed=3):
+    sparse, m_sparse = sparse_step(sparse, b)
+    full, m_full = full_step(full, b)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(_bits(a), _bits(b)),
+               sparse.params, full.params)
+  assert float(m_sparse["grad_norm"]) == float(m_full["grad_norm"])

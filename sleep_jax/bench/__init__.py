@@ -1,6 +1,6 @@
 """Performance benchmarks of the whole stack, in one process so that ratios are fair.
 
-    python -m sleep_jax.bench --out bench.json                 # everything (< 15 min on 2 cores)
+    python -m sleep_jax.bench --out bench.json                 # everything (~20 min on 2 cores)
     python -m sleep_jax.bench --only matmul_peak,train_step    # some parts
     python -m sleep_jax.bench --quick --only matmul_peak       # tiny sizes (smoke test)
 
@@ -16,7 +16,12 @@ Parts (``PARTS``), each a function ``part(ctx) -> dict`` recorded under ``parts.
 * ``sampler``: ``model.sampler.sample`` greedy decode tokens/s at batch 1, 16, 64 on SmolLM2
   (the cached GGUF if present, else random weights), prefill separated from decode
   (``max_new_tokens=1`` vs ``N``); Hugging Face ``generate`` on the same GGUF and prompts when
-  torch/transformers are installed; at batch 1 the memory-bandwidth bound.
+  torch/transformers are installed (its own process, ``hf_peer.py``; the two sides alternate in
+  rounds and a ratio counts only when both had >= 90% of the cores); at batch 1 the
+  memory-bandwidth bound.
+* ``sleep_step``: one consolidation step of Sleep at the SmolLM2-135M shape through
+  ``consolidation.seed_knowledge``, part by part, against its lower bound from the measured
+  roofs (``sleep_step.py``).
 * ``on_policy_step``: one on-policy distillation iteration (student sample, teacher forward,
   student update through ``losses.objectives.knowledge_seeding_loss``) on the tiny model, timed per part, and
   ``consolidation.seed_knowledge``'s own per-step time for comparison; and at the real-ARC

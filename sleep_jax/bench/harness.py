@@ -68,6 +68,47 @@ def timeit(fn: Callable[[], Any], repeats: int = 3, min_time: float = 0.0) -> Di
           "calls": len(calls), "cpu_s": cpu, "cpu_util": cpu / wall / _cores()}
 
 
+def _machine_busy_s() -> Optional[float]:
+  """CPU seconds the whole machine has been busy (every core, ``/proc/stat``), or None."""
+  try:
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+  return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _proc_cpu_s(pid: int) -> float:
+  """CPU seconds (user + system) process ``pid`` has used so far (``/proc/<pid>/stat``)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(fns: List[Callable[[], Any]], pid: Optional[int] = None) -> Dict[str, Any]:
+  """Calls each of ``fns`` once, in order (compiled already), and returns their wall seconds
+  with what the cores did meanwhile: the CPU seconds of the process doing the work (this one,
+  or child process ``pid``) as ``cpu_util`` (its share of the cores) and ``free_cores``: the
+  share of the cores every other process left it (from the machine's busy time, ``/proc/stat``;
+  1.0 on an idle machine, None where unreadable). A peer ratio means something only when both
+  sides had nearly all the cores."""
+  own = (lambda: _proc_cpu_s(pid)) if pid else time.process_time
+  here = (lambda: time.process_time()) if pid else (lambda: 0.0)
+  b0, c0, h0 = _machine_busy_s(), own(), here()
+  walls = []
+  for fn in fns:
+    t0 = time.perf_counter()
+    _block(fn())
+    walls.append(time.perf_counter() - t0)
+  total, cpu, idle_parent = sum(walls), own() - c0, here() - h0
+  b1 = _machine_busy_s()
+  free = None
+  if b0 is not None and b1 is not None:
+    others = max(b1 - b0 - cpu - idle_parent, 0.0)
+    free = max(0.0, 1.0 - others / (total * _cores()))
+  return {"walls_s": walls, "cpu_util": cpu / total / _cores(), "free_cores": free}
+
+
 def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

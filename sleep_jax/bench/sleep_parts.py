@@ -50,7 +50,8 @@ def part_on_policy_step(ctx: Context) -> Dict[str, Any]:
       p, b, r, cfg=cfg, alpha=float(kcfg.alpha), lam=float(kcfg.lam), divergence=kcfg.divergence,
       divergence_kwargs=dict(kcfg.divergence_kwargs), temperature=float(kcfg.temperature),
       advantage=kcfg.advantage)
-  step_fn = step_lib.make_train_step(loss_fn, tx)
+  step_fn = step_lib.make_train_step(loss_fn, tx,
+                                     differentiate=state_lib.trainable_arrays(trainable))
   contexts = rng.integers(3, cfg.vocab_size, (B, ctx_len)).astype(np.int32)
   questions = rng.integers(3, cfg.vocab_size, (B, q_len)).astype(np.int32)
   s_prompts = jnp.asarray(questions)

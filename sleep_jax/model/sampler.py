@@ -34,10 +34,15 @@ class SampleOutput(NamedTuple):
 
 
 def _filter_logits(logits, top_k: int, top_p):
-  """Masks logits outside the top-k and outside the smallest nucleus of mass >= top_p."""
+  """Masks logits outside the top-k and outside the smallest nucleus of mass >= top_p (top_p
+  >= 1 keeps every token: the full-vocabulary sort is skipped at run time)."""
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.lax.cond(top_p < 1.0, lambda x: _nucleus(x, top_p), lambda x: x, logits)
+
+
+def _nucleus(logits, top_p):
   sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   # Keep a token while the mass strictly before it is < top_p (the top token is always kept).

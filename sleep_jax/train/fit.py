@@ -59,7 +59,9 @@ def new_state(params, tx, rng, trainable, extras: Optional[Dict[str, Any]] = Non
   keeps the parameters' shardings and ``shardings`` (``state_lib.state_shardings``) says where
   every leaf lives; off a mesh it is None."""
   p = jax.tree.map(jnp.copy, params)
-  st = TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+  # The optimizer sees the arrays with a trainable element only (``train_step_for``'s step).
+  opt_state = tx.init(step_lib.select(p, state_lib.trainable_arrays(trainable)))
+  st = TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=opt_state,
                   rng=jnp.copy(state_lib.rng_data(rng)),
                   trainable=jax.tree.map(lambda m: jnp.array(m, bool), trainable),
                   extras={k: jnp.array(v) for k, v in (extras or {}).items()})
