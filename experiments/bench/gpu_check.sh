@@ -6,7 +6,8 @@
 #
 # Each step has its own time limit, so one slow step cannot take the others' results with it:
 # the bench parts (bf16 train step at the SmolLM2 and ~1B shapes, decode at batch 1/16/64,
-# vmapped vs sequential dream trials), then the README's main job through launch/gpu_local.sh
+# one consolidation step of a sleep at the SmolLM2 shape against its bound, vmapped vs
+# sequential dream trials), then the README's main job through launch/gpu_local.sh
 # with the installed environment (SKIP_INSTALL=1), timed.
 set -uo pipefail
 OUT=${1:?usage: experiments/bench/gpu_check.sh OUT_DIR}
@@ -21,9 +22,10 @@ bench() {  # bench PART LIMIT_S
   timeout "$2" $PY -m sleep_jax.bench --only "$1" --out "$OUT/bench_$1.json" >>"$OUT/bench.log" 2>&1
   echo "bench $1: exit $?"
 }
-PARTS=${PARTS:-train_step sampler dream_trials}  # a subset reruns only those
+PARTS=${PARTS:-train_step sampler sleep_step dream_trials}  # a subset reruns only those
 [[ " $PARTS " == *" train_step "* ]] && bench train_step "${TRAIN_LIMIT:-210}"
 [[ " $PARTS " == *" sampler "* ]] && bench sampler "${SAMPLER_LIMIT:-90}"
+[[ " $PARTS " == *" sleep_step "* ]] && bench sleep_step "${SLEEP_STEP_LIMIT:-120}"
 [[ " $PARTS " == *" dream_trials "* ]] && bench dream_trials "${TRIALS_LIMIT:-60}"
 
 VENV=${VENV:-$(dirname "$(dirname "$(command -v $PY)")")}
