@@ -81,7 +81,7 @@ def test_cli_quick_schema(tmp_path):
   masked = res["parts"]["train_step"]["masked_slots"]
   assert masked["ratio"] > 0 and masked["n_slots"] > 0
   names = [t["name"] for t in res["targets"]]  # CPU: the GPU-only 1B target is left out
-  assert len(names) == 8 and all({"target", "measured", "met"} <= set(t) for t in res["targets"])
+  assert len(names) == 10 and all({"target", "measured", "met"} <= set(t) for t in res["targets"])
   assert "matmul_peak" in md.read_text()
 
 
