@@ -133,7 +133,7 @@ def help_text() -> str:
   here = os.path.dirname(loader.__file__)
   lines = ["usage: python -m sleep_jax.main --config=FILE[:VARIANT] --workdir=DIR "
            "[--config.KEY=VALUE ...] [--debug]", "",
-           "example (the main job, ~4 minutes on 2 CPU cores):",
+           "example (the main job, ~9 minutes on 2 CPU cores):",
            "  python -m sleep_jax.main --config=sleep_jax/configs/knowledge.py "
            "--workdir=/tmp/sleep_jax_run", "", "config files (sleep_jax/configs/) and variants:"]
   for name in sorted(os.listdir(here)):

@@ -27,6 +27,8 @@ def _files(tmp):
   f["docs_badjson"].write_text(json.dumps(GOOD_DOC) + "\n{oops\n")
   f["docs_noq"] = tmp / "noq.jsonl"
   f["docs_noq"].write_text(json.dumps({"id": "a", "passage": "x"}) + "\n")
+  f["docs_untitled"] = tmp / "untitled.jsonl"
+  f["docs_untitled"].write_text(json.dumps(GOOD_DOC) + "\n")
   f["docs_empty"] = tmp / "empty.jsonl"
   f["docs_empty"].write_text("\n")
   f["not_gguf"] = tmp / "model.gguf"
@@ -80,6 +82,9 @@ def _cases(f, tmp):
        ["questions"]),
       ("documents empty", [TEST, d, f"--config.data.documents={f['docs_empty']}"],
        ["no documents"]),
+      ("keyed slots, a document without a title",
+       [TEST, d, f"--config.data.documents={f['docs_untitled']}", "--config.model_slot_keys=4",
+        "--config.model_slot_key_len=2"], ["model_slot_keys", "'a'", "title"]),
       ("model file missing", [TEST, "--config.model_source=gguf", "--config.gguf=/nope.gguf"],
        ["/nope.gguf", "cannot read"]),
       ("model file not GGUF", [TEST, "--config.model_source=gguf",

@@ -7,6 +7,8 @@ Every passage describes one invented entity of one of eight kinds (person, town,
 festival, species, invention, river) with five facts; names are made of random syllables, so no
 pretrained model can know them. Per passage:
 
+* ``title``: the entity's name, as every eval question names it (what keyed slots are keyed on,
+  ``model_slot_keys``);
 * ``questions``: 3 facts, each asked in a wording that does not occur in the passage (the eval
   wording); the answer is a verbatim span of the passage; aliases (surname, number in words or
   digits, the name without "the") are accepted by the scorer;
@@ -304,7 +306,7 @@ def document(rng, kind, n: int) -> dict:
     trains += [qa(w, subject, [subject[4:]] if subject.startswith("the ") else []) for w in ws]
   kind_name = kind.__name__.replace("_kind", "")
   return {"id": f"{kind_name}-{n:02d}-{name.lower().replace(' ', '-').replace('&', 'and')}",
-          "passage": passage, "questions": evals, "train_questions": trains}
+          "title": name, "passage": passage, "questions": evals, "train_questions": trains}
 
 
 def make(n: int, seed: int):

@@ -6,7 +6,7 @@ teacher's accuracy on the training wordings, and the retention probes (old facts
         [--variant=recall] [--out=FILE.jsonl]
     # e.g. 240 consolidation.optimizer.lr=0.03 consolidation.lam=0.0
 
-``--variant`` picks the knowledge config variant (default: default); ``--out`` appends one JSON
+``--variant`` picks the knowledge config variant (default: questions); ``--out`` appends one JSON
 line (the overrides, before and after) per run, for ``plot_tradeoff.py``.
 
 Uses a knowledge config (chunk 0 of the world, its base model, method ``sleep_no_dream``: the
@@ -40,12 +40,12 @@ def main(argv):
   opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
   argv = [a for a in argv if not a.startswith("--")]
   steps, overrides = int(argv[0]), argv[1:]
-  c = knowledge.get_config(opts.get("variant", "default"))
+  c = knowledge.get_config(opts.get("variant", "questions"))
   c.world_chunks = 1
   c.consolidation.steps = c.sft.steps = steps  # the learning phase's steps, whichever it is
   for kv in overrides:
     override(c, kv)
-  setup = make_setup(c, f"/tmp/probe_consolidation_{opts.get('variant', 'default')}",
+  setup = make_setup(c, f"/tmp/probe_consolidation_{opts.get('variant', 'questions')}",
                      log=lambda *a: None)
   last = {}  # the learning phase's last step metrics (gate openings, losses)
   ctx = dataclasses.replace(cycle.context(c, setup, opts.get("method", "sleep_no_dream"), 0),
@@ -78,7 +78,7 @@ def main(argv):
   if "out" in opts:
     with open(opts["out"], "a") as f:
       f.write(json.dumps({"method": ctx.name, "steps": steps, "overrides": overrides,
-                          "variant": opts.get("variant", "default"), "seconds": round(seconds, 1),
+                          "variant": opts.get("variant", "questions"), "seconds": round(seconds, 1),
                           "before": before, "after": after}) + "\n")
 
 

@@ -4,10 +4,13 @@
 
 Variants (``--config=...knowledge.py:VARIANT``):
 
-* ``default``  the README's main job: the six main methods, one seed, on the shipped base that
-               recalls its own facts, with the levers that make a sleep store a chunk (8 slots
-               per sleep, the gate, replay, one fast level; about 10 minutes on 2 CPU cores);
-* ``written``  the main job with none of the task's questions given to any method: consolidation
+* ``default``  the README's main job: every main method and ``sft_selfgen``, one seed, on the
+               shipped base that recalls its own facts; no method gets the task's questions
+               (Sleep's dreams are its study questions), and each sleep's slots are keyed on
+               its chunk's names (model/slot_keys.py); about 9 minutes on 2 CPU cores;
+* ``questions`` the main job before the twentieth session: the task's training questions go to
+               every method, slots routed by a trained gate with anchors and replay;
+* ``written``  ``questions`` with none of the task's questions given to any method: consolidation
                distils one item per passage and Sleep's dreams are the study questions;
 * ``base_r``   the first wave's main job: the shipped base R (which never learnt closed-book
                recall) and one slot per sleep; ``full``, ``continued`` and ``continual`` use it;
@@ -35,7 +38,8 @@ from sleep_jax.sleep import consolidation, dreaming
 from sleep_jax.tasks import pretrain
 
 HELP = {
-    "default": "the README's main job: the six main methods, base S, capacity levers (~10 min)",
+    "default": "the README's main job: written dreams, keyed slots, every main method (~9 min)",
+    "questions": "the main job before: the task's questions to every method, trained gate (~10 min)",
     "base_r": "the first wave's main job: base R, one slot per sleep (~4 min)",
     "full": "every method and ablation, 3 seeds, 5 chunks",
     "continued": "the many-passage regime: 4 paraphrased passages per new person",
@@ -100,6 +104,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # with a silent hidden layer (growth.add_slot_gates), so the base's function is unchanged.
   c.model_gate_hidden = 0
   c.model_gate_sticky = False  # slot gates that stay open after the token they opened on
+  # Entity-keyed slots (model/slot_keys.py): each slot holds up to model_slot_keys names of
+  # model_slot_key_len tokens (a sleep writes its chunk's document titles) and is on only for
+  # inputs that name one. 0 = off.
+  c.model_slot_keys = 0
+  c.model_slot_key_len = 0
   c.base = _base_recipe(pretrain.PretrainConfig())
   c.seq_len = c.base.seq_len
   c.world_chunks = 3  # T wake chunks used (<= base.world.n_chunks)
@@ -167,7 +176,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity", "default", "written", "written_sticky"):
+  elif variant in ("recall", "capacity", "questions", "written", "written_sticky", "default"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -178,7 +187,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant in ("capacity", "default", "written", "written_sticky"):
+    if variant in ("capacity", "questions", "written", "written_sticky", "default"):
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
       # deep sleep into level 1 lost a third of what the fast level held at this step budget);
@@ -190,13 +199,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant in ("default", "written", "written_sticky"):
+    if variant in ("questions", "written", "written_sticky", "default"):
       # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
       c.model_slots, c.model_gate_hidden = 16, 16
-    if variant in ("written", "written_sticky"):
+    if variant in ("written", "written_sticky", "default"):
       # None of the task's questions reach any method: every learner gets the passages only.
       # Consolidation distils one item per document, "<passage> Q: <name>" -> "Q: <name>"
       # (the teacher writes its own question and answer); Sleep's dreams are questions the
@@ -230,6 +239,17 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # 38.7 -> 47.1 stored, old facts 38.0 -> 26.5 (README, eighteenth session).
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title, c.model_gate_sticky = True, True
+    if variant == "default":
+      # Each sleep keys its slots on its chunk's names (a world name is 2 tokens; 24 >= the 20
+      # people of a chunk): every prompt about anyone else gets the model without them, so the
+      # anchors and the replay that taught a trained gate "not this one" have nothing left to
+      # do; Sleep gives their rows to the new items (phases.consolidate), OPSD keeps them.
+      # Dreams name the passage's person in every wording (entity copying). One sleep, seed 0
+      # (README, twentieth session): stored 38.7 -> 43.3 (keys) -> 49.6 (no anchor rows) ->
+      # 57.9 (copied dreams); old facts 38.0 -> 51.0.
+      c.model_slot_keys, c.model_slot_key_len = 24, 2
+      c.dreaming.templates = {"question": "{context} Q:"}
+      c.dreaming.copy_title = True
   elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with

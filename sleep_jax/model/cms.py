@@ -111,11 +111,13 @@ def slot_scores(p, x, sticky=None):
   return jax.nn.sigmoid(z), z[:, -1]
 
 
-def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array], sticky=None):
+def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array], sticky=None,
+                 key_gate=None):
   """Masked low-rank slots. p: slot_router (d, S), slot_a (S, d, r), slot_b (S, r, d).
-  Returns (output, gates, running maximum of sticky gates or None)."""
+  ``key_gate`` (B, T, S): the entity keys' gates (``slot_keys.key_gates``), multiplying the
+  slots' own. Returns (output, gates, running maximum of sticky gates or None)."""
   live = jnp.broadcast_to(slot_mask.astype(bool), x.shape[:-1] + slot_mask.shape)
-  scores, last = slot_scores(p, x, sticky)
+  scores, last = _keyed(slot_scores(p, x, sticky), key_gate)
   on = top_k_mask(scores, live, top_k)
   if route_rng is not None:
     on = on | random_extra(route_rng, live & ~on)
@@ -125,8 +127,13 @@ def slot_experts(p, x, slot_mask, *, top_k: int, route_rng: Optional[jax.Array],
   return jnp.einsum("btsr,srd,bts->btd", h, p["slot_b"], gates), scores, last
 
 
+def _keyed(scores_last, key_gate):
+  scores, last = scores_last
+  return (scores, last) if key_gate is None else (scores * key_gate, last)
+
+
 def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lora=None,
-                lora_scale=1.0, return_scores=False, sticky=None):
+                lora_scale=1.0, return_scores=False, sticky=None, key_gate=None):
   """One CMS level on normalised input x (B, T, d); returns its residual contribution (and with
   ``return_scores`` the slot gates ``s_s(x)`` (B, T, S) in float32, None without slots). With
   ``sticky`` (``slot_scores``) it returns ``(that, running maximum (B, S))``."""
@@ -143,8 +150,9 @@ def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lo
     # shapes stay fixed, the branch is picked at run time from the mask (data, not a shape).
     ys, scores, last = jax.lax.cond(
         jnp.any(slot_mask), lambda: slot_experts(p, x, slot_mask, top_k=slot_top_k,
-                                                 route_rng=rng_slots, sticky=sticky),
-        lambda: (jnp.zeros_like(x), *slot_scores(p, x, sticky)))
+                                                 route_rng=rng_slots, sticky=sticky,
+                                                 key_gate=key_gate),
+        lambda: (jnp.zeros_like(x), *_keyed(slot_scores(p, x, sticky), key_gate)))
     y = y + ys
   out = (y, scores) if return_scores else y
   return out if sticky is None else (out, last)

@@ -51,6 +51,11 @@ class ModelConfig:
   # tokens <= t, so a slot that opens on a name stays open for the rest of the input. Decode
   # carries the running maximum in the KV cache.
   slot_gate_sticky: bool = False
+  # Entity-keyed slots (``slot_keys.py``): each slot holds up to ``slot_keys`` keys of
+  # ``slot_key_len`` tokens (the names a sleep consolidated); a slot with keys is on only from
+  # the token where one of them ends. 0 = no keys (every slot routed by its gate alone).
+  slot_keys: int = 0
+  slot_key_len: int = 0
   chunk_sizes: Tuple[int, ...] = (1, 1)  # C_l: level l's parameters change every C_l steps
 
   dtype: str = "float32"  # activation/compute dtype
@@ -74,6 +79,12 @@ class ModelConfig:
       if not (rs[0] >= 1 and 0 < rs[1] < rs[2] and rs[3] > 0):
         raise ValueError(f"rope_scaling={rs!r}; needs factor >= 1, 0 < low_freq_factor < "
                          "high_freq_factor and original_max_position_embeddings > 0")
+    if bool(self.slot_keys) != bool(self.slot_key_len):
+      raise ValueError(f"slot_keys={self.slot_keys}, slot_key_len={self.slot_key_len}: set both "
+                       "(keys per slot, tokens per key) or neither")
+    if self.slot_keys and self.param_dtype != "float32":
+      raise ValueError(f"slot keys are token ids kept in the parameters; param_dtype="
+                       f"{self.param_dtype!r} cannot hold them exactly (use float32)")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; expected one of 'none', 'full', 'dots'")
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sleep_jax.model import slot_keys
 from sleep_jax.model import transformer as T
 from sleep_jax.model.config import ModelConfig
 
@@ -80,7 +81,10 @@ def reset_level(params, slot_mask, level: int) -> Tuple[dict, jax.Array]:
   if "slot_gate_v" in lvl:
     lvl["slot_gate_v"] = jnp.where(live[None, :, None], 0.0, lvl["slot_gate_v"]).astype(
         lvl["slot_gate_v"].dtype)
-  return _replace_level(params, level, lvl), mask.at[level].set(False)
+  params = _replace_level(params, level, lvl)
+  if "slot_keys" in params:  # a pruned slot holds no names
+    params = slot_keys.clear(params, level, live)
+  return params, mask.at[level].set(False)
 
 
 def _replace_level(params, level, lvl):
@@ -117,6 +121,10 @@ def allocate_slots(params, cfg: ModelConfig, n_slots: int):
       if name in lvl:
         lvl[name] = pad(lvl[name], 1)
     params = _replace_level(params, j, lvl)
+  if "slot_keys" in params:  # the added slots hold no names
+    params = {**params, "slot_keys": jnp.concatenate([params["slot_keys"], jnp.full(
+        (cfg.n_levels, extra) + params["slot_keys"].shape[2:], slot_keys.NO_KEY,
+        params["slot_keys"].dtype)], axis=1)}
   return params, dataclasses.replace(cfg, n_slots=int(n_slots))
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_jax.model import cms
+from sleep_jax.model import cms, slot_keys
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.parallel.logical import constrain
 
@@ -79,6 +79,9 @@ def _param_table(cfg: ModelConfig):
         lvl["slot_gate_u"] = ((L, S, d, h), ("layers", "slots", "embed", "rank"), normal(d ** -0.5))
         lvl["slot_gate_v"] = ((L, S, h), ("layers", "slots", "rank"), ("zeros",))
     t["layers"][level_name(j)] = lvl
+  if cfg.slot_keys:  # the names each slot is keyed on (slot_keys.py), none at first
+    t["slot_keys"] = ((cfg.n_levels, S, cfg.slot_keys, cfg.slot_key_len),
+                      (None, None, None, None), ("full", slot_keys.NO_KEY))
   return t
 
 
@@ -114,6 +117,8 @@ def init(rng: jax.Array, cfg: ModelConfig) -> Params:
       return (args[0] * jax.random.normal(key, shape, jnp.float32)).astype(dt)
     if kind == "ones":
       return jnp.ones(shape, dt)
+    if kind == "full":
+      return jnp.full(shape, args[0], dt)
     return jnp.zeros(shape, dt)
 
   return jax.tree.unflatten(treedef, [make(k, e) for k, e in zip(keys, leaves)])
@@ -215,6 +220,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   if cfg.slot_gate_sticky:  # each slot gate's running maximum (cms.slot_scores)
     cache["gate_max"] = jnp.full((cfg.n_layers, cfg.n_levels, batch, cfg.n_slots),
                                  cms.GATE_FLOOR, jnp.float32)
+  if cfg.slot_keys:  # the last key_len-1 tokens and each keyed slot's state (slot_keys.py)
+    cache["key_hist"], cache["key_on"] = slot_keys.empty_carry(batch, cfg)
   return cache
 
 
@@ -266,6 +273,10 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
   x = params["embed"].astype(dt)[tokens]
   x = constrain(x, ("batch", "length", "embed"))
   n_levels = cfg.n_levels
+  key_gate = key_carry = None
+  if cfg.slot_keys:  # (B, T, n_levels, n_slots): which slots the input has named so far
+    carry = None if cache is None else (cache["key_hist"], cache["key_on"])
+    key_gate, key_carry = slot_keys.key_gates(params["slot_keys"], tokens, valid, carry)
 
   def layer(h, xs):
     p, kv, rng = xs["p"], xs.get("kv"), xs.get("rng")
@@ -306,7 +317,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
       sticky = (valid, m0) if cfg.slot_gate_sticky else None
       y = cms.level_apply(lvl, z, slot_mask[j], expert_top_k=cfg.expert_top_k,
                           slot_top_k=cfg.slot_top_k, route_rng=rngs[j], lora=mlp_lora,
-                          lora_scale=lora_scale, return_scores=return_gates, sticky=sticky)
+                          lora_scale=lora_scale, return_scores=return_gates, sticky=sticky,
+                          key_gate=None if key_gate is None else key_gate[:, :, j])
       if sticky is not None:
         y, last = y
         running.append(m0 if last is None else last)
@@ -349,6 +361,8 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
                  "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32)}
     if "gate_max" in new_kv:
       new_cache["gate_max"] = new_kv["gate_max"]
+    if key_carry is not None:
+      new_cache["key_hist"], new_cache["key_on"] = key_carry
   return (out, new_cache, gates) if return_gates else (out, new_cache)
 
 

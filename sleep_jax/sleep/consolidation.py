@@ -40,7 +40,7 @@ import numpy as np
 
 from sleep_jax.losses import rewards as rewards_lib
 from sleep_jax.losses.registry import build_loss, get_divergence
-from sleep_jax.model import growth, sampler, transformer
+from sleep_jax.model import growth, sampler, slot_keys, transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.sleep import consolidation_config
 from sleep_jax.train import fit as fit_lib
@@ -289,7 +289,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
 
 def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[Sequence[int]],
                 student_prompts: Sequence[Sequence[int]], kcfg: ml_collections.ConfigDict,
-                rng: jax.Array, **kwargs) -> Result:
+                rng: jax.Array, keys: Optional[Sequence[Sequence[int]]] = None,
+                **kwargs) -> Result:
   """One sleep consolidation event of the model itself (docs/method.md section 3 steps 1-6).
 
   Args:
@@ -298,6 +299,8 @@ def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[S
       ``kcfg.source_level == -1``; identical to ``student_prompts`` otherwise).
     student_prompts: item i as the student sees it (no privileged context).
     kcfg: ``default_config()`` with a method's overrides (``methods.consolidation_config``).
+    keys: with a keyed model (``cfg.slot_keys``), the names the unlocked slots are keyed on
+      (``slot_keys.py``): they are on only for inputs that name one. None: unkeyed.
     **kwargs: ``stop_tokens``, ``pad_id``, ``judge``, ``decode``, ``on_step``
       (see ``seed_knowledge``).
   """
@@ -313,6 +316,9 @@ def consolidate(params, slot_mask, cfg: ModelConfig, teacher_prompts: Sequence[S
                                                jax.random.fold_in(k_unlock, i) if i else k_unlock)
       slots.append(int(s))
     slot = slots[0] if len(slots) == 1 else tuple(slots)
+    if keys is not None and cfg.slot_keys:
+      s_params = slot_keys.write(s_params, tgt, slots,
+                                 slot_keys.encode(keys, cfg.slot_keys, cfg.slot_key_len))
     trainable = state_lib.slot_trainable(s_params, transformer.param_axes(cfg), tgt, slots)
   else:
     s_params, s_mask, slot = params, slot_mask, -1

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from sleep_jax.eval import answers
+from sleep_jax.model import growth, slot_keys
 from sleep_jax.sleep import consolidation, dream_qa, dreaming
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.memory import Episode
@@ -92,7 +93,7 @@ def evaluate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]
 # Consolidation (memory level 0 -> CMS level 0) and deep sleep (level l-1 -> l).
 # ----------------------------------------------------------------------------------------------
 def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase, golds=None,
-                 gate_targets=None):
+                 gate_targets=None, keys=None):
   judge = None
   if kcfg.gamma > 0 and kcfg.alpha < 1:
     from sleep_jax.losses.rewards import ModelJudge
@@ -103,7 +104,7 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase,
       st.params, st.slot_mask, ctx.setup.cfg, teacher, student, kcfg, ctx.key(t, phase),
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
       decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds,
-      gate_targets=gate_targets))
+      gate_targets=gate_targets, keys=keys))
 
 
 def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
@@ -145,14 +146,18 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
     return st, {}
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
   kcfg.source_level, kcfg.target_level = -1, FAST_LEVEL
-  replayed = replayed_documents(ctx, t, float(kcfg.replay_fraction))
+  # A keyed slot (model/slot_keys.py) is shut on every input that does not name this chunk's
+  # people: replayed documents and anchors could not reach it and would only take rows from
+  # the new items. Methods that train existing weights keep them.
+  keyed = _keyed(st, m)  # (a keyed jsonl setup has titles: tasks/world.py: jsonl_setup)
+  replayed = [] if keyed else replayed_documents(ctx, t, float(kcfg.replay_fraction))
   mode = str(kcfg.get("replay_items", "passages"))
   old_teacher, old_student, covered = replayed_dream_items(st, ctx, replayed, mode)
   n_replayed = len(old_student)
   docs = ctx.setup.chunks[t] + [d for d in replayed if d.id not in covered]
-  anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + task_lib.value_anchors(
-      ctx.setup, docs, int(kcfg.get("value_anchors", 0)),
-      np.random.default_rng([ctx.seed, t])) + list(anchors)
+  anchors = [] if keyed else ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + (
+      task_lib.value_anchors(ctx.setup, docs, int(kcfg.get("value_anchors", 0)),
+                             np.random.default_rng([ctx.seed, t])) + list(anchors))
   if mode == "dreams_kept":  # kept as the model woke up, with the new slot shut on them
     anchors, old_teacher, old_student = anchors + old_student, [], []
   template = str(kcfg.get("prompt_template", ""))
@@ -167,9 +172,11 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
   teacher = teacher + list(extra[0]) + old_teacher
   student = student + list(extra[1]) + old_student
   golds = golds + [[]] * (len(student) - len(golds))
+  # A keyed model's new slots answer only to the names of this chunk's documents.
   res = _consolidate(st, ctx, teacher + anchors, student + anchors, kcfg, t, "consolidation",
                      golds=golds + [[]] * len(anchors),
-                     gate_targets=[1.0] * len(student) + [0.0] * len(anchors))
+                     gate_targets=[1.0] * len(student) + [0.0] * len(anchors),
+                     keys=task_lib.entity_names(ctx.setup, ctx.setup.chunks[t]))
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
   if mode != "passages":  # how many earlier dream questions this sleep replayed
@@ -178,6 +185,11 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
   if bad:  # the run stops on it (cycle.check_finite), naming this step
     out["nonfinite_step"] = bad[0]
   return st, out
+
+
+def _keyed(st: SleepState, method: methods_lib.Method) -> bool:
+  """Whether this method's consolidation writes into keyed slots (model/slot_keys.py)."""
+  return "slot_keys" in st.params and method.expands
 
 
 def replayed_dream_items(st: SleepState, ctx: Context, replayed, mode: str):
@@ -238,8 +250,14 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   # disturb what it was not trained for either. Measured on the world (README, fourteenth
   # session): reading skill after the stream 54% without them, 78% with them.
   anchors = ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)]
+  # A keyed model's target slot answers to every name the source level's slots held (and is
+  # shut on the anchors, which then have nothing to do).
+  keys = None
+  if _keyed(st, ctx.method):
+    keys = slot_keys.held(st.params, level - 1, growth.live_slots(st.slot_mask, level - 1))
+    anchors = []
   res = _consolidate(st, ctx, prompts + anchors, prompts + anchors, kcfg, t, phase,
-                     gate_targets=[1.0] * len(prompts) + [0.0] * len(anchors))
+                     gate_targets=[1.0] * len(prompts) + [0.0] * len(anchors), keys=keys)
   st.params, st.slot_mask = res.params, res.slot_mask
   return st
 

@@ -142,6 +142,14 @@ def entity_copy(setup: Setup, docs: Sequence[documents.Document], templates, on:
   return out, np.asarray([len(sp) for sp in spans], np.int32), setup.entity_starts
 
 
+def entity_names(setup: Setup, docs: Sequence[documents.Document]) -> List[List[int]]:
+  """The token sequences that name each document's entity (its title), as it may appear inside
+  a sentence (a BPE tokenizer spells " Name" with a leading space) and at its start: the keys a
+  sleep writes into the slots it unlocks (``slot_keys.py``)."""
+  seen = dict.fromkeys(tuple(setup.tok.encode(v)) for d in docs for v in (d.title, " " + d.title))
+  return [list(nm) for nm in seen if nm]
+
+
 def dream_prompts(setup: Setup, docs: Sequence[documents.Document], templates) -> List[List[int]]:
   """One dream prompt per (document, template)."""
   return [setup.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
-from sleep_jax.model import growth
+from sleep_jax.model import growth, slot_keys
 from sleep_jax.tasks import base_cache, pretrain
 
 
@@ -44,7 +44,10 @@ def _with_slots(config, params, cfg):
   params, cfg = growth.add_slot_gates(params, cfg, int(config.get("model_gate_hidden", 0)))
   if config.get("model_gate_sticky", False):  # a gate that opened on a name stays open
     cfg = dataclasses.replace(cfg, slot_gate_sticky=True)
-  return params, cfg
+  # ``model_slot_keys`` > 0: each slot holds that many entity names (``model_slot_key_len``
+  # tokens each) and is on only for inputs that name one (``slot_keys.py``).
+  return slot_keys.add(params, cfg, int(config.get("model_slot_keys", 0)),
+                       int(config.get("model_slot_key_len", 0)))
 
 
 def load(config, workdir: str, log=print) -> Model:
