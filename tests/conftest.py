@@ -29,9 +29,9 @@ def pytest_sessionfinish(session, exitstatus):
 # The files with the longest end-to-end runs, longest first (CI logs' --durations). pytest.ini
 # turns off xdist's reordering by test count, so the two workers start on these and the short
 # files fill in at the end: the run ends when both workers do, not one file after the other.
-HEAVY_FIRST = ("test_few_shot.py", "test_cycle.py", "test_slot_keys.py",
-               "test_long_horizon_cycle.py", "test_checkpoint.py", "test_consolidation.py", "test_bench.py",
-               "test_cli_errors.py", "test_dreaming.py")
+HEAVY_FIRST = ("test_few_shot.py", "test_cycle.py", "test_long_horizon_cycle.py",
+               "test_checkpoint.py", "test_consolidation.py", "test_bench.py",
+               "test_cli_errors.py", "test_dreaming.py", "test_slot_keys.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -288,3 +288,36 @@ def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dream
   with pytest.raises(ValueError, match="replay_items"):
     phases.replayed_dream_items(None, None, [], "everything")
 
+
+def test_keyed_slots_through_the_driver(tmp_path, base_cache, monkeypatch):
+  """Keyed slots (``model_slot_keys``) through the driver: each sleep keys its new slots on its
+  chunk's names, the deep sleep on every name the fast level held; a keyed sleep gets no anchor
+  or replay rows (its slots could not see them); every probe that names none of the new people
+  (old facts, reading, generic prompts) answers as the base did."""
+  from sleep_jax.sleep import phases
+  from sleep_jax.tasks import base as task_lib, make_setup
+  c = _config(base_cache, ("sleep_no_dream",))
+  c.model_slot_keys, c.model_slot_key_len = 24, 2
+  c.consolidation.anchor_prompts, c.consolidation.replay_fraction = 8, 1.0
+  seen = []
+  original = phases._consolidate
+
+  def spy(st, ctx, teacher, student, *args, **kwargs):
+    seen.append((student, kwargs.get("keys")))
+    return original(st, ctx, teacher, student, *args, **kwargs)
+
+  monkeypatch.setattr(phases, "_consolidate", spy)
+  work = str(tmp_path / "run")
+  res = cycle.run_experiment(c, work, log=lambda *_: None)
+  setup = make_setup(c, work, log=lambda *_: None)
+  assert len(setup.anchor_prompts) >= 8
+  (first, k0), (second, k1), (_, kd) = seen
+  names = [task_lib.entity_names(setup, ch) for ch in setup.chunks[:2]]
+  assert k0 == names[0] and k1 == names[1]
+  # The deep sleep distils both chunks out of level 0: its slot answers to all their names.
+  assert set(map(tuple, kd)) == set(map(tuple, names[0] + names[1]))
+  for t, items in enumerate((first, second)):  # the chunk's own items only
+    assert items == task_lib.student_prompts(setup, setup.chunks[t])
+  final = res["methods"]["sleep_no_dream"]["seeds"]["0"]["metrics"]
+  for probe in ("retention_qa_change", "in_context_heldout_change", "kl_to_base"):
+    assert final[probe] == 0.0, (probe, final)

@@ -11,11 +11,6 @@ from sleep_jax.sleep import consolidation as C
 
 import tiny_kv as kv
 
-@pytest.fixture(scope="module")
-def base_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("base"))
-
-
 CFG = config.tiny(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(0, 64), n_slots=3,
                   slot_rank=4)
 
@@ -129,39 +124,3 @@ def test_consolidation_writes_the_names_and_changes_nothing_else():
   np.testing.assert_array_equal(T.apply(res.params, probe, cfg, slot_mask=res.slot_mask)[0],
                                 T.apply(base, probe, kv.CFG)[0])
 
-
-def test_keyed_slots_through_the_driver_store_and_change_nothing_else(tmp_path, base_cache,
-                                                                      monkeypatch):
-  """``knowledge.py:written_keyed``'s keys at test size: each sleep keys its new slots on its
-  chunk's names (the deep sleep on every name the fast level held) and gets no anchor or replay
-  rows, which its slots could not see; every probe that names none of them (old facts, reading,
-  generic prompts) answers as the base did."""
-  from sleep_jax.sleep import cycle, dream_qa, phases
-  from sleep_jax.tasks import base as task_lib, make_setup
-  from test_cycle import _written_config
-  c = _written_config(base_cache, chunks=2)
-  c.model_slot_keys, c.model_slot_key_len = 24, 2
-  c.consolidation.replay_fraction = 1.0
-  monkeypatch.setattr(dream_qa, "parse_qa_pairs", lambda text: [(text, "an answer")])
-  seen = []
-  original = phases._consolidate
-
-  def spy(st, ctx, teacher, student, *args, **kwargs):
-    seen.append((student, kwargs.get("keys")))
-    return original(st, ctx, teacher, student, *args, **kwargs)
-
-  monkeypatch.setattr(phases, "_consolidate", spy)
-  work = str(tmp_path / "run")
-  res = cycle.run_experiment(c, work, log=lambda *_: None)
-  setup = make_setup(c, work, log=lambda *_: None)
-  (first, k0), (second, k1), (deep, kd) = seen
-  names = [task_lib.entity_names(setup, ch) for ch in setup.chunks[:2]]
-  assert k0 == names[0] and k1 == names[1]
-  # The deep sleep distils both chunks out of level 0: its slot answers to all their names.
-  assert set(map(tuple, kd)) == set(map(tuple, names[0] + names[1]))
-  info = res["methods"]["sleep"]["seeds"]["0"]["info"]
-  for t, items in enumerate((first, second)):  # no anchors, no replayed earlier passages
-    assert len(items) == len(setup.chunks[t]) + info[t]["dream_training_items"]
-  final = res["methods"]["sleep"]["seeds"]["0"]["metrics"]
-  for probe in ("retention_qa_change", "in_context_heldout_change", "kl_to_base"):
-    assert final[probe] == 0.0, (probe, final)
