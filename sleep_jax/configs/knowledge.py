@@ -39,7 +39,7 @@ from sleep_jax.tasks import pretrain
 
 HELP = {
     "default": "the README's main job: written dreams, keyed slots, every main method (~9 min)",
-    "questions": "the main job before: the task's questions to every method, trained gate (~10 min)",
+    "questions": "the main job before: the task's questions to every method, a trained gate",
     "base_r": "the first wave's main job: base R, one slot per sleep (~4 min)",
     "full": "every method and ablation, 3 seeds, 5 chunks",
     "continued": "the many-passage regime: 4 paraphrased passages per new person",

@@ -118,7 +118,8 @@ def jsonl_setup(config, model: models.Model) -> Setup:
   if int(c.get("model_slot_keys", 0)) and untitled:  # before any compute, not at the first sleep
     raise documents.DocumentError(
         f"{c.data.documents}: model_slot_keys > 0 keys each sleep's slots on its documents' "
-        f"titles, and document {untitled[0]!r} has none (add \"title\": the name its questions use)")
+        f"titles, and document {untitled[0]!r} has none (add \"title\": the name its "
+        "questions use)")
   size = int(c.data.chunk_size) or len(docs)
   chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
   extra, texts = {}, []  # the tiny world model reads no general English
