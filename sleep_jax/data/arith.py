@@ -51,10 +51,26 @@ class Problem:
     return self.question
 
 
+STREAM_FRACTION = 0.1  # of all problems: the train problems a wake stream reads (``pool_of``)
+
+
+def _hash01(problem: Problem) -> float:
+  return int(hashlib.sha1(problem.uid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_of(problem: Problem) -> str:
   """'test' for a fixed ~TEST_FRACTION of all possible problems (hash of the key), else 'train'."""
-  h = int(hashlib.sha1(problem.uid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-  return "test" if h < TEST_FRACTION else "train"
+  return "test" if _hash01(problem) < TEST_FRACTION else "train"
+
+
+def pool_of(problem: Problem) -> str:
+  """The train split in two disjoint pools: 'stream' (what the reasoning experiment's wake
+  stream reads, ~STREAM_FRACTION of all problems) and 'corpus' (what a tiny base model is
+  pretrained on), so a sleep never studies a problem the base already saw; 'test' as above."""
+  h = _hash01(problem)
+  if h < TEST_FRACTION:
+    return "test"
+  return "stream" if h < TEST_FRACTION + STREAM_FRACTION else "corpus"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,14 +169,16 @@ def generate(rng: np.random.Generator, level: int) -> Problem:
 
 
 def problems(seed: int, level: int, n: int, split: str) -> List[Problem]:
-  """``n`` distinct problems of ``level`` in ``split`` ('train' | 'test'), deterministic in seed."""
-  if split not in ("train", "test"):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  """``n`` distinct problems of ``level`` in ``split``, deterministic in seed: 'train' | 'test'
+  (``split_of``), or one of the train split's pools 'stream' | 'corpus' (``pool_of``)."""
+  if split not in ("train", "test", "stream", "corpus"):
+    raise ValueError(f"split must be 'train', 'test', 'stream' or 'corpus', got {split!r}")
+  where = split_of if split in ("train", "test") else pool_of
   rng = np.random.default_rng([seed, level])
   out, seen = [], set()
   for _ in range(200 * n + 1000):
     p = generate(rng, level)
-    if split_of(p) == split and p.uid not in seen:
+    if where(p) == split and p.uid not in seen:
       seen.add(p.uid)
       out.append(p)
       if len(out) == n:

@@ -27,29 +27,36 @@ class ByteTokenizer:
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_WORD_DIGITS = re.compile(r"\d|[^\W\d]+|[^\w\s]")  # every digit its own token
 
 
 class WordTokenizer:
   """Whitespace/punctuation word vocabulary built from a corpus; unknown words map to <unk>.
 
   Keeps the synthetic world's sequences short so a tiny model learns fast on CPU. Decoding joins
-  words with spaces and glues punctuation to the previous word.
+  words with spaces and glues punctuation to the previous word. ``split_digits``: numbers are
+  spelt digit by digit (arithmetic: ten digit tokens instead of one token per number, so sums
+  can be learnt column by column); decoding glues a digit to the digit before it.
   """
 
   SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
   pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
 
-  def __init__(self, words: Sequence[str]):
+  def __init__(self, words: Sequence[str], split_digits: bool = False):
     seen = dict.fromkeys(list(self.SPECIALS) + list(words))
     self.itos = list(seen)
     self.stoi = {w: i for i, w in enumerate(self.itos)}
+    self.split_digits = bool(split_digits)
+    self._re = _WORD_DIGITS if self.split_digits else _WORD
 
   @classmethod
-  def from_corpus(cls, texts: Iterable[str], extra: Sequence[str] = ()) -> "WordTokenizer":
+  def from_corpus(cls, texts: Iterable[str], extra: Sequence[str] = (),
+                  split_digits: bool = False) -> "WordTokenizer":
     words = set(extra)
+    pattern = _WORD_DIGITS if split_digits else _WORD
     for t in texts:
-      words.update(_WORD.findall(t))
-    return cls(sorted(words))
+      words.update(pattern.findall(t))
+    return cls(sorted(words), split_digits)
 
   @property
   def vocab_size(self) -> int:
@@ -59,7 +66,7 @@ class WordTokenizer:
     return self.stoi.get(word, self.unk_id)
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
-    ids = [self.stoi.get(w, self.unk_id) for w in _WORD.findall(text)]
+    ids = [self.stoi.get(w, self.unk_id) for w in self._re.findall(text)]
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -69,7 +76,9 @@ class WordTokenizer:
       if i < len(self.SPECIALS):
         continue
       w = self.itos[i] if i < len(self.itos) else "<unk>"
-      if out and re.fullmatch(r"[^\w\s]", w):
+      glue = re.fullmatch(r"[^\w\s]", w) or (
+          self.split_digits and out and w.isdigit() and out[-1][-1:].isdigit())
+      if out and glue:
         out[-1] += w
       else:
         out.append(w)
@@ -77,12 +86,12 @@ class WordTokenizer:
 
   def save(self, path: str) -> None:
     with open(path, "w") as f:
-      json.dump({"itos": self.itos}, f)
+      json.dump({"itos": self.itos, **({"split_digits": True} if self.split_digits else {})}, f)
 
   @classmethod
   def load(cls, path: str) -> "WordTokenizer":
     with open(path) as f:
-      itos = json.load(f)["itos"]
-    tok = cls([])
-    tok.itos, tok.stoi = itos, {w: i for i, w in enumerate(itos)}
+      d = json.load(f)
+    tok = cls([], d.get("split_digits", False))
+    tok.itos, tok.stoi = d["itos"], {w: i for i, w in enumerate(d["itos"])}
     return tok

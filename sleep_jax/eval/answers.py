@@ -54,6 +54,34 @@ def eval_row(setup, params, mask, ecfg, t: int, in_context: Union[bool, str]):
   return row, recs
 
 
+def sampled_row(setup, params, mask, ecfg, key) -> Dict[str, List[float]]:
+  """avg@k and pass@k (k = ``ecfg.samples`` completions per eval question at temperature
+  ``ecfg.temperature``, closed-book) on every chunk with eval questions (NaN elsewhere): the
+  share of right samples, and the share of questions with at least one."""
+  import jax
+  import numpy as np
+  k = int(ecfg.samples)
+  avg, pas = [], []
+  for j, docs in enumerate(setup.chunks):
+    qs = [q for d in docs for q in d.eval_questions]
+    if not qs:
+      avg.append(float("nan"))
+      pas.append(float("nan"))
+      continue
+    prompts = [setup.fmt.closed_book(q.q) for q in qs for _ in range(k)]
+    comps = qa_eval.greedy_completions(
+        params, setup.cfg, prompts, max_new_tokens=int(ecfg.max_new_tokens),
+        stop_tokens=setup.fmt.stop_ids, pad_id=setup.tok.pad_id, slot_mask=mask,
+        batch_size=int(ecfg.batch_size), key=jax.random.fold_in(key, j),
+        temperature=float(ecfg.temperature))
+    sc = qa_eval.score_answers([setup.tok.decode(c) for c in comps],
+                               [q.golds for q in qs for _ in range(k)])[ecfg.metric]
+    sc = np.asarray(sc).reshape(len(qs), k)
+    avg.append(float(sc.mean()))
+    pas.append(float(sc.max(1).mean()))
+  return {"avg_at_k": avg, "pass_at_k": pas}
+
+
 def retention(setup, params, mask, ecfg) -> Dict[str, float]:
   """The setup's retention probes (``Setup.extra_evals``) and, with a ``Setup.kl_probe``,
   ``kl_to_base``: KL(base || model) on its generic prompts."""

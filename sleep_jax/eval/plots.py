@@ -7,6 +7,8 @@
 * ``tradeoff_<probe>``: acquisition (closed-book just slept) against what a method kept of a
   retention probe (reading skill, old facts, known facts), one point per method and seed, the
   base and the in-context ceiling as reference lines: does a method learn more and forget less?
+* ``accuracy_vs_compute`` (reasoning): held-out accuracy against the learning wall seconds
+  spent so far, per method (does one method need more compute to match another?);
 * ``learning_curves``: per method (its first seed), the loss of each sleep's learning phase
   (consolidation, or the SFT baselines' fine-tuning) and the teacher/student agreement (how often
   the student's most likely next token is the teacher's) over that sleep's steps, one line per
@@ -130,6 +132,35 @@ def fig_tradeoff(results: Dict, key: str, ylabel: str):
 
 
 LEARNING_PHASES = ("consolidation", "sft")
+COMPUTE_PHASES = ("consolidation", "dreaming", "deep")  # what a method spends on learning
+
+
+def fig_accuracy_vs_compute(results: Dict):
+  """Mean closed-book accuracy over every scored chunk (mean of R's row) after each chunk,
+  against the learning wall seconds spent so far (``seconds_<phase>`` of the learning phases),
+  one line per method (seeds averaged), from the base's accuracy at 0 s."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7.5, 4.2))
+  base = _mean(results, "base", "closed_book_final")
+  for name, e in results["methods"].items():
+    if name in ("base", "in_context") or not e["seeds"]:
+      continue
+    xs, ys = [], []
+    for s in e["seeds"].values():
+      sec = np.cumsum([sum(i.get(f"seconds_{p}", 0.0) for p in COMPUTE_PHASES)
+                       for i in s["info"]])
+      xs.append(sec)
+      ys.append([100 * float(np.nanmean(r)) for r in np.asarray(s["R"], np.float64)])
+    x, y = np.mean(xs, axis=0), np.mean(ys, axis=0)
+    if base is not None:
+      x, y = np.concatenate([[0.0], x]), np.concatenate([[100 * base], y])
+    ax.plot(x, y, marker="o", label=name)
+  ax.set_xlabel("learning wall seconds so far (consolidation, dreaming, deep sleep)")
+  ax.set_ylabel("held-out accuracy, mean over scored chunks (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  fig.tight_layout()
+  return fig
 
 
 def read_curves(runs_dir: str) -> Dict[str, List[dict]]:
@@ -207,6 +238,8 @@ def figures(results: Dict, curves: Optional[Dict[str, List[dict]]] = None
   if _matrices(results):
     out += [("accuracy_matrices", fig_matrices(results)),
             ("accuracy_over_chunks", fig_over_chunks(results))]
+    if results.get("config", {}).get("data", {}).get("source") == "arith":
+      out.append(("accuracy_vs_compute", fig_accuracy_vs_compute(results)))
   runs = [s["metrics"] for e in results["methods"].values() for s in e["seeds"].values()]
   for key, label in PROBES:
     if any(m.get(key) is not None for m in runs) and any("acquisition" in m for m in runs):

@@ -76,8 +76,10 @@ def exact_match(params, cfg: ModelConfig, tok, examples: Sequence[world_lib.Exam
 def greedy_completions(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                        max_new_tokens: int, stop_tokens: Sequence[int], pad_id: int = 0,
                        slot_mask: Optional[jax.Array] = None, batch_size: int = 64,
-                       bucket: int = 16) -> list:
-  """Greedy completion token lists (stop token dropped) for each prompt, with the one sampler.
+                       bucket: int = 16, key: Optional[jax.Array] = None,
+                       temperature: float = 1.0) -> list:
+  """Greedy completion token lists (stop token dropped) for each prompt, with the one sampler;
+  with ``key``, sampled at ``temperature`` instead (avg@k / pass@k).
 
   Prompts are left-padded to a multiple of ``bucket`` and batches have a fixed size, so a whole
   evaluation compiles a handful of times at most."""
@@ -90,9 +92,11 @@ def greedy_completions(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
     toks, valid = sampler.left_pad(chunk, pad_id, width)
-    res = sampler.sample(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(0), cfg=cfg,
-                         max_new_tokens=max_new_tokens, greedy=True, stop_tokens=tuple(stop),
-                         pad_id=pad_id, slot_mask=slot_mask)
+    res = sampler.sample(params, jnp.asarray(toks), jnp.asarray(valid),
+                         jax.random.key(0) if key is None else jax.random.fold_in(key, i),
+                         cfg=cfg, max_new_tokens=max_new_tokens, greedy=key is None,
+                         temperature=temperature, stop_tokens=tuple(stop), pad_id=pad_id,
+                         slot_mask=slot_mask)
     comp = np.asarray(res.tokens[:, width:])
     live = np.asarray(res.completion_mask[:, width:])
     for r in range(n):
@@ -101,11 +105,17 @@ def greedy_completions(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
 
 
 def score_answers(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict:
-  """Exact match (SQuAD normalisation, any alias) and 'contains' (a normalised gold occurs in the
-  normalised prediction: fair to chat models that answer in a sentence)."""
+  """Exact match (SQuAD normalisation, any alias), 'contains' (a normalised gold occurs in the
+  normalised prediction: fair to chat models that answer in a sentence) and 'checked' (the
+  final answer of a worked solution, ``arith.extract_answer``: the last ``Answer: N`` or else
+  the last integer, equals the gold's; 0 where the gold has no number)."""
+  from sleep_jax.data.arith import extract_answer
   from sleep_jax.losses.rewards import exact_match, normalize_answer
   em = np.array([exact_match(p, g) for p, g in zip(predictions, golds)], np.float32)
   contains = np.array([float(any(normalize_answer(a) and f" {normalize_answer(a)} " in
                                  f" {normalize_answer(p)} " for a in g))
                        for p, g in zip(predictions, golds)], np.float32)
-  return {"em": em, "contains": contains}
+  checked = np.array([float(any(extract_answer(a) is not None
+                                 and extract_answer(p) == extract_answer(a) for a in g))
+                      for p, g in zip(predictions, golds)], np.float32)
+  return {"em": em, "contains": contains, "checked": checked}

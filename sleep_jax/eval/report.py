@@ -24,7 +24,7 @@ def _mean_spread(values: Sequence[float], percent: bool = True) -> str:
   return f"{scale * v.mean():{fmt}} ± {scale * v.std(ddof=1):{fmt}}"
 
 
-NOT_PERCENT = ("kl_to_base", "kl_to_base_change")
+NOT_PERCENT = ("kl_to_base", "kl_to_base_change", "learning_seconds")
 
 
 def _units_note(results: Dict) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from sleep_jax.eval import answers
 from sleep_jax.eval import qa as qa_eval
-from sleep_jax.sleep import consolidation, dream_batches, dream_qa, dreaming, phases
+from sleep_jax.sleep import consolidation, dream_batches, dream_qa, dream_sim, dreaming, phases
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.phases import Context, dreams_as_rows
 from sleep_jax.sleep.sleep_state import SleepState
@@ -131,12 +131,16 @@ def closed_book_view(fmt, docs, templates, copy_title: bool = False):
 
 
 def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = None,
-           dream_docs=None):
+           dream_docs=None, simulated: Optional[dream_sim.Simulated] = None):
   """Dreaming on ``docs`` (dreams written from ``dream_docs``, by default ``docs``); for chunk
   ``t`` (not the generator's training) under a progress bar with one point per round on the
-  training curves."""
+  training curves. ``simulated``: dream simulation's verified trajectories, offered as
+  candidates."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
   prompts, tau, cand, tau_doc = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
+  if simulated is not None and simulated.candidates is not None:
+    cand = simulated.candidates if cand is None else dream_batches.concat_dreams(
+        cand, simulated.candidates, ctx.setup.tok.pad_id)
   groups = None
   if dcfg.tau_scope not in ("all", "passage"):
     raise ValueError(f"dreaming.tau_scope={dcfg.tau_scope!r}; valid: 'all', 'passage'")
@@ -169,8 +173,15 @@ def _written_and_kept(st: SleepState, ctx: Context, t: int):
   dcfg = methods_lib.dreaming_config(m, c.dreaming)
   docs = ctx.setup.chunks[t]
   ddocs, originals = dream_qa.focused_documents(docs, dcfg.focus)
+  sim = None
+  if int(dcfg.simulate) > 0:
+    if ctx.setup.environments is None:
+      raise ValueError("dreaming.simulate > 0 needs a task with checkable environments "
+                       "(Setup.environments: data.source='arith')")
+    sim = dream_sim.simulate(st.params, ctx.setup, st.slot_mask, dcfg,
+                             int(ctx.config.eval.max_new_tokens), ctx.key(t, "simulation"))
   res = _dream(st, ctx, docs, np.random.default_rng([ctx.seed, t, 17]),
-               ctx.key(t, "dreaming"), t, dream_docs=ddocs)
+               ctx.key(t, "dreaming"), t, dream_docs=ddocs, simulated=sim)
   if not c.reset_between_chunks:
     st.generator = res.generator  # per-task reset: every task starts from the trained one
   ctx.hook("dreaming", t, 0)
@@ -181,6 +192,9 @@ def _written_and_kept(st: SleepState, ctx: Context, t: int):
           "dreams_accepted_own": int(np.sum(res.prompt_index >= 0)),
           "dream_acceptance": float(np.mean([x["acceptance_rate"] for x in res.metrics]))
           if res.metrics else 0.0}
+  if sim is not None:
+    info.update(sim.info)
+    info["trajectories_accepted"] = int(np.sum(res.prompt_index < 0))
   triples = []
   back = dict(zip((d.passage for d in ddocs), originals))
   # What was written and what was accepted, measured the same way: does selection keep the
@@ -201,7 +215,7 @@ def _written_and_kept(st: SleepState, ctx: Context, t: int):
     triples = [(p, q, a) for x, p in zip(texts, passages) for q, a in dream_qa.parse_qa_pairs(x)]
     info["dream_qa_pairs"] = len(triples)
     info["dream_fact_coverage"] = dream_qa.fact_coverage(triples, docs)
-  return st, res, info, triples, ddocs
+  return st, res, info, triples, ddocs, sim
 
 
 def _before(ctx: Context) -> bool:
@@ -221,8 +235,11 @@ def consolidate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metri
   items consolidation distils, in the same steps; otherwise ``phases.consolidate`` alone."""
   if not _before(ctx):
     return phases.consolidate(st, ctx, t)
-  st, _, info, triples, _ = _written_and_kept(st, ctx, t)
+  st, res, info, triples, _, sim = _written_and_kept(st, ctx, t)
   teacher, student = dream_qa.qa_items(ctx.setup.fmt, triples) if triples else ([], [])
+  if sim is not None:  # accepted verified trajectories join the items (dream simulation)
+    t_sim, s_sim = simulated_items(ctx.setup, res, sim)
+    teacher, student = teacher + t_sim, student + s_sim
   # Each document's accepted questions go to the episodic memory: later sleeps replay them
   # (``consolidation.replay_items``).
   ids = {d.passage: d.id for d in ctx.setup.chunks[t]}
@@ -252,7 +269,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   m, c = ctx.method, ctx.config
   if m.learn != "sleep" or m.dreaming is None or _before(ctx):
     return st, {}
-  st, res, info, triples, ddocs = _written_and_kept(st, ctx, t)
+  st, res, info, triples, ddocs, sim = _written_and_kept(st, ctx, t)
   dcfg = methods_lib.dreaming_config(m, c.dreaming)
   expands = m.consolidation is not None
   if len(res) == 0 or (st.slot == -1 and expands):
@@ -285,6 +302,14 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
     student = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index,
                                        bool(dcfg.copy_title))
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
+  if sim is not None:
+    # An accepted verified trajectory: the student solves the problem closed-book, the teacher
+    # reads the trajectory as a reference solution first.
+    for i, pi in enumerate(np.asarray(res.prompt_index)):
+      q = sim.questions.get(tuple(teacher[i])) if pi < 0 else None
+      if q is not None:
+        student[i] = teacher[i]
+        teacher[i] = dream_sim.teacher_prompt(s.fmt, s.tok, q, completions[i])
   if dcfg.qa_items and triples:
     # The dream's questions in the query format: the model reading the passage answers each
     # (its answer, not the dream's, is the target), the student is asked closed-book.
@@ -302,6 +327,22 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   if out.history:
     info["dream_training_loss"] = out.history[-1]["loss"]
   return st, info
+
+
+def simulated_items(setup, res, sim: dream_sim.Simulated):
+  """(teacher prompts, student prompts) of the accepted verified trajectories of dream
+  simulation, as consolidation items: the teacher reads the trajectory as a reference solution
+  before the question (``dream_sim.teacher_prompt``), the student reads the question alone."""
+  toks, valid = np.asarray(res.dreams.tokens), np.asarray(res.dreams.valid, bool)
+  cm = np.asarray(res.dreams.completion_mask, bool)
+  teacher, student = [], []
+  for r, v, c_, pi in zip(toks, valid, cm, np.asarray(res.prompt_index)):
+    prompt = r[v & ~c_].tolist()
+    q = sim.questions.get(tuple(prompt)) if pi < 0 else None
+    if q is not None:
+      teacher.append(dream_sim.teacher_prompt(setup.fmt, setup.tok, q, r[c_].tolist()))
+      student.append(prompt)
+  return teacher, student
 
 
 def template_student_prompts(fmt, docs, templates, prompt_index,

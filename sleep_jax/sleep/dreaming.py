@@ -120,6 +120,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.focus = "passage"
   # Task-variant candidate dreams per task and round (tasks that have variants, e.g. ARC).
   c.variants = 0
+  # Dream simulation (``dream_sim.py``; tasks with checkable environments, e.g. arithmetic):
+  # the model writes ``simulate_envs`` environments per sleep, the checker drops those it
+  # cannot run, the model attempts each valid one ``simulate`` times, and the verified
+  # trajectories compete with the other dreams in selection and the trials. 0: off.
+  c.simulate = 0
+  c.simulate_envs = 32
+  c.simulate_tokens = 96  # most tokens of one environment (problem + program)
   # ReST-EM on the dream generator (step 6): a generator LoRA that persists across rounds.
   c.rest_em = ml_collections.ConfigDict()
   c.rest_em.steps = 4

@@ -25,7 +25,8 @@ class Method:
   """One row of the table.
 
   Attributes:
-    learn: "none" (no learning), "sft" (fine-tune every parameter) or "sleep".
+    learn: "none" (no learning), "sft" (fine-tune every parameter), "grpo" (policy gradient on
+      every parameter with the task's checker as reward, ``config.grpo``) or "sleep".
     consolidation: overrides of ``config.consolidation`` for consolidation and deep sleep; None:
       no consolidation (SEAL: accepted dreams train the existing weights).
     dreaming: overrides of ``config.dreaming``; None: no dreaming.
@@ -85,6 +86,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "sleep_l1": Method("sleep", consolidation=_SLEEP, levels=1),
     "sleep_l2": Method("sleep", consolidation=_SLEEP, levels=2),
     "sleep_l4": Method("sleep", consolidation=_SLEEP, levels=4),
+    # Reasoning with verifiable rewards: GRPO on the wake questions, rewarded by the checker.
+    "grpo": Method("grpo"),
+    # Sleep whose dreaming is dream simulation only (``dreaming.simulate``) vs without it.
+    "sleep_no_simulation": Method("sleep", consolidation=_SLEEP,
+                                  dreaming=MappingProxyType({"simulate": 0})),
 })
 
 ONE_LINE = {
@@ -108,6 +114,8 @@ ONE_LINE = {
     "sleep_l1": "Sleep with 1 memory level",
     "sleep_l2": "Sleep with 2 memory levels",
     "sleep_l4": "Sleep with 4 memory levels",
+    "grpo": "GRPO on the wake questions with the checker's reward (every parameter)",
+    "sleep_no_simulation": "Sleep whose dreaming writes no checkable environments",
 }
 
 

@@ -86,6 +86,8 @@ def evaluate(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]
   row, recs = answers.eval_row(ctx.setup, st.params, st.slot_mask, e, t, in_ctx)
   st.R.append(row)
   st.answers = st.answers + recs if e.rows == "latest" else recs
+  if int(e.get("samples", 0)) > 0:  # avg@k / pass@k of every chunk (verifiable tasks)
+    return st, answers.sampled_row(ctx.setup, st.params, st.slot_mask, e, ctx.key(t, "eval"))
   return st, {}
 
 
@@ -142,6 +144,9 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
   if m.learn == "sft":
     st.params = sft(st, ctx, t)
     return st, {}
+  if m.learn == "grpo":
+    st.params, out = grpo_learn(st, ctx, t)
+    return st, out
   if m.learn != "sleep" or m.consolidation is None:
     return st, {}
   kcfg = methods_lib.consolidation_config(m, ctx.config.consolidation)
@@ -299,6 +304,32 @@ def sft(st: SleepState, ctx: Context, t: int):
       st.params, st.slot_mask, s.cfg, batch, state_lib.all_trainable(st.params),
       steps=int(c.sft.steps), opt_cfg=c.sft.optimizer, batch_size=int(c.sft.batch_size),
       rng=ctx.key(t, "sft"), loss=c.sft.loss, on_step=on_step), hook=False)
+
+
+def grpo_learn(st: SleepState, ctx: Context, t: int):
+  """GRPO (``train/grpo.py``, ``config.grpo``) on chunk t's wake questions asked closed-book,
+  every parameter; the reward of a completion is the task's score of it against the question's
+  supported answers (``eval.metric``: for arithmetic the checker). Returns (params, metrics)."""
+  from sleep_jax.eval import qa as qa_eval
+  from sleep_jax.train import grpo
+  s, c = ctx.setup, ctx.config
+  if "grpo" not in c:
+    raise ValueError("method 'grpo' needs a config.grpo block (configs/reasoning.py has one)")
+  qs = [q for d in s.chunks[t] for q in d.train_questions]
+  prompts = [s.fmt.closed_book(q.q) for q in qs]
+  stop, metric = set(s.fmt.stop_ids), str(c.eval.metric)
+
+  def reward(i: int, completion) -> float:
+    text = s.tok.decode([x for x in completion if x not in stop])
+    return float(qa_eval.score_answers([text], [qs[i].golds])[metric][0])
+
+  params, hist = with_progress(ctx, t, "grpo", int(c.grpo.rounds), lambda on_step: grpo.train(
+      st.params, st.slot_mask, s.cfg, prompts, reward, c.grpo, ctx.key(t, "grpo"),
+      trainable=state_lib.all_trainable(st.params), stop_tokens=s.fmt.stop_ids,
+      pad_id=s.tok.pad_id, on_round=on_step), hook=False)
+  return params, {"grpo_reward_first_round": hist[0]["reward_mean"],
+                  "grpo_reward_last_round": hist[-1]["reward_mean"],
+                  "grpo_loss": hist[-1].get("loss")}
 
 
 def dreams_as_rows(dreams: dreaming.Dreams, prefix, seq_len: int, pad_id: int):

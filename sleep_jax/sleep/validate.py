@@ -15,7 +15,7 @@ POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.ma
             "sft.steps", "sft.batch_size", "eval.batch_size", "eval.max_new_tokens",
             "dreaming.m", "dreaming.max_new_tokens", "dream_training.steps",
             "dream_training.batch_size", "seq_len")
-CHOICES = {"eval.metric": ("em", "contains"), "eval.rows": ("all", "latest"),
+CHOICES = {"eval.metric": ("em", "contains", "checked"), "eval.rows": ("all", "latest"),
            "on_config_change": ("error", "restart"), "model_source": ("world", "gguf"),
            "consolidation.replay_items": ("passages", "dreams", "dreams_kept"),
            "consolidation.anchor_people": ("qa", "everyone"),

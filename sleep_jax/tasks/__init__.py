@@ -4,11 +4,11 @@ picks the task. Adding an experiment is adding a file and a line here."""
 from __future__ import annotations
 
 from sleep_jax.configs import loader
-from sleep_jax.tasks import arc, long_horizon, world
+from sleep_jax.tasks import arc, long_horizon, reasoning, world
 from sleep_jax.tasks.base import Task
 
 TASKS = {t.name: t for t in (world.TASK, world.JSONL_TASK, arc.TASK, long_horizon.NEEDLES,
-                             long_horizon.STORY)}
+                             long_horizon.STORY, reasoning.TASK)}
 
 
 def make_setup(config, workdir: str, log=print):

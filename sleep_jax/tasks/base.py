@@ -53,6 +53,9 @@ class Setup:
   # (V,) bool: the tokens that begin an entity's name (world: every first name), for dreams
   # that copy their passage's entity where they name one (``dreaming.copy_title``).
   entity_starts: Optional[np.ndarray] = None
+  # Dream simulation (``dream_sim.py``): the task's environment prompt, parser and checker
+  # (``tasks/reasoning.Environments``); None: the task has no checkable environments.
+  environments: Optional[Any] = None
 
 
 def _same_setup(config, setup: Setup, seed: int) -> Setup:
@@ -208,6 +211,7 @@ def question_rows(setup: Setup, docs) -> tuple:
 
 
 def passage_rows(setup: Setup, docs) -> tuple:
-  """Each passage as one LM row (the SFT baseline's data); returns (rows, loss starts)."""
-  rows = [setup.fmt.document(d.passage) for d in docs]
+  """Each passage as one LM row (the SFT baseline's data; a document without a passage, e.g. a
+  held-out set, gives none); returns (rows, loss starts)."""
+  rows = [setup.fmt.document(d.passage) for d in docs if d.passage]
   return rows, [len(setup.fmt.bos())] * len(rows)

@@ -238,8 +238,11 @@ def corpus_for(recipe: PretrainConfig):
   if recipe.corpus.startswith("arc:"):  # generated ARC-like tasks (experiments/few_shot)
     from sleep_jax.data import arc_corpus
     return arc_corpus.ArcCorpus.from_name(recipe.corpus)
+  if recipe.corpus.startswith("arith:"):  # arithmetic word problems (experiments/reasoning)
+    from sleep_jax.data import arith_corpus
+    return arith_corpus.ArithCorpus.from_name(recipe.corpus)
   raise ValueError(f"corpus={recipe.corpus!r}; valid: 'world', 'streams', 'arc:<spec>' "
-                   "(arc_corpus.corpus_name)")
+                   "(arc_corpus.corpus_name), 'arith:<spec>' (arith_corpus.corpus_name)")
 
 
 def probe_sets(corpus, n: int):
