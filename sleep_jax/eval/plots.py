@@ -238,7 +238,8 @@ def figures(results: Dict, curves: Optional[Dict[str, List[dict]]] = None
   if _matrices(results):
     out += [("accuracy_matrices", fig_matrices(results)),
             ("accuracy_over_chunks", fig_over_chunks(results))]
-    if results.get("config", {}).get("data", {}).get("source") == "arith":
+    learners = set(results["methods"]) - {"base", "in_context"}
+    if results.get("config", {}).get("data", {}).get("source") == "arith" and learners:
       out.append(("accuracy_vs_compute", fig_accuracy_vs_compute(results)))
   runs = [s["metrics"] for e in results["methods"].values() for s in e["seeds"].values()]
   for key, label in PROBES:
