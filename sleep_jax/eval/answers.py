@@ -10,18 +10,21 @@ from sleep_jax.eval import qa as qa_eval
 
 
 def answer(setup, params, mask, docs, ecfg, *, in_context: bool, train: bool = False,
-           context: Optional[str] = None):
+           context: Optional[str] = None, key=None, repeat: int = 1):
   """Greedy answers to every (eval, or with ``train`` wake) question of ``docs``:
   (records, completions, scores). ``context`` replaces each document's own passage in the
-  in-context prompt."""
-  qs = [(d, q) for d in docs for q in (d.train_questions if train else d.eval_questions)]
+  in-context prompt. With ``key``: ``repeat`` samples per question at ``ecfg.temperature``,
+  question after question."""
+  qs = [(d, q) for d in docs for q in (d.train_questions if train else d.eval_questions)
+        for _ in range(repeat)]
   fmt = setup.fmt
   prompts = [fmt.with_context(d.passage if context is None else context, q.q)
              if in_context else fmt.closed_book(q.q) for d, q in qs]
   comps = qa_eval.greedy_completions(
       params, setup.cfg, prompts, max_new_tokens=int(ecfg.max_new_tokens),
       stop_tokens=fmt.stop_ids, pad_id=setup.tok.pad_id, slot_mask=mask,
-      batch_size=int(ecfg.batch_size))
+      batch_size=int(ecfg.batch_size), key=key,
+      temperature=float(ecfg.temperature) if key is not None else 1.0)
   preds = [setup.tok.decode(c) for c in comps]
   sc = qa_eval.score_answers(preds, [q.golds for _, q in qs])
   recs = [{"doc": d.id, "q": q.q, "gold": q.golds, "pred": p, "em": float(e)}
@@ -63,20 +66,13 @@ def sampled_row(setup, params, mask, ecfg, key) -> Dict[str, List[float]]:
   k = int(ecfg.samples)
   avg, pas = [], []
   for j, docs in enumerate(setup.chunks):
-    qs = [q for d in docs for q in d.eval_questions]
-    if not qs:
+    if not any(d.eval_questions for d in docs):
       avg.append(float("nan"))
       pas.append(float("nan"))
       continue
-    prompts = [setup.fmt.closed_book(q.q) for q in qs for _ in range(k)]
-    comps = qa_eval.greedy_completions(
-        params, setup.cfg, prompts, max_new_tokens=int(ecfg.max_new_tokens),
-        stop_tokens=setup.fmt.stop_ids, pad_id=setup.tok.pad_id, slot_mask=mask,
-        batch_size=int(ecfg.batch_size), key=jax.random.fold_in(key, j),
-        temperature=float(ecfg.temperature))
-    sc = qa_eval.score_answers([setup.tok.decode(c) for c in comps],
-                               [q.golds for q in qs for _ in range(k)])[ecfg.metric]
-    sc = np.asarray(sc).reshape(len(qs), k)
+    _, _, sc = answer(setup, params, mask, docs, ecfg, in_context=False,
+                      key=jax.random.fold_in(key, j), repeat=k)
+    sc = np.asarray(sc[ecfg.metric]).reshape(-1, k)
     avg.append(float(sc.mean()))
     pas.append(float(sc.max(1).mean()))
   return {"avg_at_k": avg, "pass_at_k": pas}

@@ -302,14 +302,11 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
     student = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index,
                                        bool(dcfg.copy_title))
   completions = [r[c_].tolist() for r, c_ in zip(toks, cm)]
-  if sim is not None:
-    # An accepted verified trajectory: the student solves the problem closed-book, the teacher
-    # reads the trajectory as a reference solution first.
+  if sim is not None:  # accepted verified trajectories: as consolidation items
     for i, pi in enumerate(np.asarray(res.prompt_index)):
-      q = sim.questions.get(tuple(teacher[i])) if pi < 0 else None
-      if q is not None:
-        student[i] = teacher[i]
-        teacher[i] = dream_sim.teacher_prompt(s.fmt, s.tok, q, completions[i])
+      item = simulated_item(s, sim, teacher[i], completions[i], pi)
+      if item is not None:
+        teacher[i], student[i] = item
   if dcfg.qa_items and triples:
     # The dream's questions in the query format: the model reading the passage answers each
     # (its answer, not the dream's, is the target), the student is asked closed-book.
@@ -329,20 +326,24 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   return st, info
 
 
-def simulated_items(setup, res, sim: dream_sim.Simulated):
-  """(teacher prompts, student prompts) of the accepted verified trajectories of dream
-  simulation, as consolidation items: the teacher reads the trajectory as a reference solution
+def simulated_item(setup, sim: dream_sim.Simulated, prompt, completion, prompt_index):
+  """(teacher prompt, student prompt) of an accepted dream that is a verified trajectory of
+  dream simulation (None otherwise): the teacher reads the trajectory as a reference solution
   before the question (``dream_sim.teacher_prompt``), the student reads the question alone."""
+  q = sim.questions.get(tuple(prompt)) if prompt_index < 0 else None
+  if q is None:
+    return None
+  return dream_sim.teacher_prompt(setup.fmt, setup.tok, q, completion), list(prompt)
+
+
+def simulated_items(setup, res, sim: dream_sim.Simulated):
+  """``simulated_item`` of every accepted dream: (teacher prompts, student prompts)."""
   toks, valid = np.asarray(res.dreams.tokens), np.asarray(res.dreams.valid, bool)
   cm = np.asarray(res.dreams.completion_mask, bool)
-  teacher, student = [], []
-  for r, v, c_, pi in zip(toks, valid, cm, np.asarray(res.prompt_index)):
-    prompt = r[v & ~c_].tolist()
-    q = sim.questions.get(tuple(prompt)) if pi < 0 else None
-    if q is not None:
-      teacher.append(dream_sim.teacher_prompt(setup.fmt, setup.tok, q, r[c_].tolist()))
-      student.append(prompt)
-  return teacher, student
+  items = [simulated_item(setup, sim, r[v & ~c_].tolist(), r[c_].tolist(), pi)
+           for r, v, c_, pi in zip(toks, valid, cm, np.asarray(res.prompt_index))]
+  items = [x for x in items if x is not None]
+  return [t for t, _ in items], [s for _, s in items]
 
 
 def template_student_prompts(fmt, docs, templates, prompt_index,
