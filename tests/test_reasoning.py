@@ -113,6 +113,10 @@ def test_simulation_keeps_only_valid_environments_solved_by_a_verified_attempt(m
   comps = np.asarray(sim.candidates.tokens)[np.asarray(sim.candidates.completion_mask)]
   assert comps.tolist() == [50, 2]  # the verified attempt (+ stop), nothing else
   assert list(sim.questions.values()) == ["Ada has 3 apples. How many?"]
+  # A chat model writes the whole format itself; the tiny base continues "Problem:".
+  assert reasoning.Environments.parse("Sure.\nProblem: Ada has 3 apples. How many?\n"
+                                      "Program: (3 + 4)") == ("Ada has 3 apples. How many?",
+                                                              "(3 + 4)")
 
 
 def test_the_teacher_reads_the_reference_solution_and_the_student_does_not():

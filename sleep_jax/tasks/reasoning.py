@@ -42,7 +42,9 @@ class Environments:
 
   @staticmethod
   def parse(text: str) -> Optional[Tuple[str, str]]:
-    p = arith.parse_environment(f"{arith_corpus.ENV_PROMPT} {text}")
+    # The tiny base continues the prompt "Problem:"; a chat model writes the whole format.
+    head = "" if arith_corpus.ENV_PROMPT in text else f"{arith_corpus.ENV_PROMPT} "
+    p = arith.parse_environment(head + text)
     return None if p is None else (p.question, p.program)
 
   @staticmethod
