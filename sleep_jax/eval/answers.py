@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
+import jax
+import numpy as np
+
 from sleep_jax.eval import kl_probe
 from sleep_jax.eval import qa as qa_eval
 
@@ -61,8 +64,6 @@ def sampled_row(setup, params, mask, ecfg, key) -> Dict[str, List[float]]:
   """avg@k and pass@k (k = ``ecfg.samples`` completions per eval question at temperature
   ``ecfg.temperature``, closed-book) on every chunk with eval questions (NaN elsewhere): the
   share of right samples, and the share of questions with at least one."""
-  import jax
-  import numpy as np
   k = int(ecfg.samples)
   avg, pas = [], []
   for j, docs in enumerate(setup.chunks):

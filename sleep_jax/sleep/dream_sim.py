@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import jax
 import numpy as np
 
 from sleep_jax.sleep import dream_batches
@@ -39,7 +40,6 @@ class Simulated(NamedTuple):
 def simulate(params, setup, slot_mask, dcfg, max_answer_tokens: int, key) -> Simulated:
   """Steps 1-4 above with the model ``params``; ``info`` counts proposed / valid / solved
   environments and the trajectories kept."""
-  import jax
   env, fmt, tok = setup.environments, setup.fmt, setup.tok
   k_env, k_try = jax.random.split(key)
   n_env, k = int(dcfg.simulate_envs), int(dcfg.simulate)

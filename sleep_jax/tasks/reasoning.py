@@ -28,7 +28,7 @@ import numpy as np
 
 from sleep_jax.data import arith, arith_corpus
 from sleep_jax.data.documents import ChatFormat, Document, Question
-from sleep_jax.eval import continual, plots, report
+from sleep_jax.eval import continual, plots, report, verdict
 from sleep_jax.tasks import models
 from sleep_jax.tasks.base import Setup, Task
 
@@ -129,6 +129,7 @@ def write_report(results, workdir) -> str:
         f"{n}: " + ", ".join(f"{k} {sum(x[k] for m, x in sim if m == n)}" for k in (
             "envs_proposed", "envs_valid", "envs_solved", "trajectories_kept",
             "dreams_accepted")) for n in dict(sim))]
+  md += ["", verdict.time_table(results)]
   md += ["", "Plots (PNG and SVG): `plots/accuracy_matrices` (R per method), "
          "`plots/accuracy_over_chunks`, `plots/accuracy_vs_compute` (held-out accuracy against "
          "the learning wall seconds), `plots/learning_curves`."]
