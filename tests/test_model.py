@@ -115,6 +115,48 @@ def test_masked_slot_gradients_are_exactly_zero(params):
   assert np.abs(np.asarray(g["layers"]["cms_0"]["slot_a"][:, 0])).sum() > 0
 
 
+@pytest.mark.parametrize("gates", [False, True])
+def test_slot_levels_backward_equals_plain_cond(params, monkeypatch, gates):
+  """The slot branch's recomputing backward (``cms.remat_cond``) gives autodiff's gradients
+  through a plain ``lax.cond`` to the bit, an idle level (0) and a live one (1) together."""
+  from sleep_jax.model import cms
+  toks, valid = _mixed_batch()
+  mask = jnp.array([[False, False, False], [False, True, True]])
+
+  def loss(p):
+    out = T.apply(p, toks, CFG, valid=valid, slot_mask=mask, return_gates=gates)
+    extra = sum(jnp.sum(g ** 2) for g in out[2].values()) if gates else 0.0
+    return jnp.mean(jax.nn.logsumexp(out[0], -1)) + extra
+
+  got = jax.jit(jax.grad(loss))(params)
+  monkeypatch.setattr(cms, "remat_cond", lambda pred, live, idle, diff, aux: jax.lax.cond(
+      pred, live, idle, diff, aux))
+  want = jax.jit(jax.grad(loss))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.abs(np.asarray(got["layers"]["cms_1"]["slot_a"][:, 1])).sum() > 0
+
+
+def test_all_masked_gradients_equal_the_model_without_slots(params):
+  toks, valid = _mixed_batch()
+  no_slot_cfg = dataclasses.replace(CFG, n_slots=0)
+  p0 = jax.tree.map(lambda x: x, params)
+  for j in range(CFG.n_levels):
+    for k in ("slot_a", "slot_b", "slot_router"):
+      del p0["layers"][T.level_name(j)][k]
+
+  def loss(p, cfg, **kw):
+    return jnp.mean(jax.nn.logsumexp(T.apply(p, toks, cfg, valid=valid, **kw)[0], -1))
+
+  ref = jax.grad(loss)(p0, no_slot_cfg)
+  got = jax.grad(loss)(params, CFG, slot_mask=T.slot_mask_none(CFG))
+  for path, want in jax.tree_util.tree_flatten_with_path(ref)[0]:
+    have = got
+    for k in path:
+      have = have[k.key]
+    np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+
+
 def test_lora_zero_b_is_identity_and_trains(params):
   toks, valid = _mixed_batch()
   ad = lora.init(jax.random.key(3), CFG, rank=4, targets=lora.ALL_TARGETS)

@@ -14,8 +14,9 @@ def matmul_params(cfg, *, executed: bool = False) -> Dict[str, int]:
 
   ``executed=False`` counts the model's function (MaxText/PaLM convention): attention
   projections, the routed (``expert_top_k``) dense experts, the unembedding, and the low-rank
-  slots that are live (none in these benchmarks: every slot is masked). ``executed=True`` counts
-  what the implementation actually multiplies: every dense expert and every (masked) slot.
+  slots that are live (none in these benchmarks: every slot is masked). ``executed=True`` also
+  counts every dense expert (routing computes them all) and, under ``masked_slots``, every slot:
+  the size of the slot matmuls, which the model skips in a level with no live slot.
   """
   d, L, H, K, hd = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd
   attn = d * H * hd + 2 * d * K * hd + H * hd * d
@@ -42,13 +43,14 @@ TRAIN_FLOPS_FORMULA = (
 
 def train_flops(cfg, batch: int, seq: int) -> Dict[str, float]:
   n = matmul_params(cfg)["total"]
-  n_exec = matmul_params(cfg, executed=True)["total"]
+  executed = matmul_params(cfg, executed=True)
+  n_exec = executed["total"] - executed["masked_slots"]  # every slot is masked in the benches
   tokens = batch * seq
   attn = 6 * cfg.n_layers * cfg.n_heads * cfg.hd * batch * seq ** 2
   return {"matmul_params": n, "tokens": tokens, "dense_flops": 6 * n * tokens,
           "attention_flops": attn, "model_flops": 6 * n * tokens + attn,
-          # What the code executes: masked slots are multiplied, and attention is computed on
-          # the full T x T square (the causal mask is applied after the product).
+          # What the code executes: every dense expert, no masked slot, and attention on the
+          # full T x T square (the causal mask is applied after the product).
           "executed_flops_estimate": 6 * n_exec * tokens + 2 * attn}
 
 

@@ -3,6 +3,7 @@
 
 import dataclasses
 import math
+import statistics
 from typing import Any, Dict, Optional
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax.bench.flops import TRAIN_FLOPS_FORMULA, _cost_flops, train_flops
-from sleep_jax.bench.harness import (_is_accelerator, cpu_rate, op_profile,
+from sleep_jax.bench.harness import (_is_accelerator, cpu_rate, measure, op_profile,
                                      published_peak_tflops, timeit)
 from sleep_jax.bench.matmul import Context
 
@@ -178,16 +179,33 @@ def part_train_step(ctx: Context) -> Dict[str, Any]:
   return out
 
 
-def _masked_vs_no_slots(cfg, batch: int, seq: int) -> Dict[str, Any]:
+def _masked_vs_no_slots(cfg, batch: int, seq: int, rounds: int = 3, block: int = 3
+                        ) -> Dict[str, Any]:
   """Step time of a model whose slots are all masked against the same model built without
-  slots (what masked capacity costs a job that does not use it), in one run."""
-  runs = {name: _time_train(c, batch, seq, steps=3) for name, c in (
-      ("no_slots", dataclasses.replace(cfg, n_slots=0)), ("all_masked", cfg))}
-  ratio = runs["all_masked"]["median_step_s"] / runs["no_slots"]["median_step_s"]
+  slots (what masked capacity costs a job that does not use it): both steps compiled, then
+  run alternately in ``rounds`` blocks of ``block`` steps (medians). The first step of each
+  block is dropped: right after the other model's steps it ran 1.3-1.4x slower (both models'
+  temporaries re-allocated), which a job training one model never sees. Each block records
+  the cores' share left to it (``harness.measure``)."""
+  runs = {}
+  for name, c in (("no_slots", dataclasses.replace(cfg, n_slots=0)), ("all_masked", cfg)):
+    keep: Dict[str, Any] = {}
+    _time_train(c, batch, seq, steps=1, keep=keep)
+    runs[name] = keep["run"]
+  walls: Dict[str, list] = {name: [] for name in runs}
+  free = []
+  for _ in range(rounds):
+    for name, run in runs.items():
+      m = measure([run] * block)
+      walls[name].extend(m["walls_s"][1:])
+      free.append(m["free_cores"])
+  med = {name: statistics.median(w) for name, w in walls.items()}
+  ratio = med["all_masked"] / med["no_slots"]
   print(f"  train_step masked slots: {ratio:.3f}x the step without slots", flush=True)
   return {"batch": batch, "seq": seq, "n_slots": cfg.n_slots, "slot_rank": cfg.slot_rank,
-          "no_slots_step_s": runs["no_slots"]["median_step_s"],
-          "all_masked_step_s": runs["all_masked"]["median_step_s"], "ratio": ratio}
+          "rounds": rounds, "block": block, "no_slots_step_s": med["no_slots"],
+          "all_masked_step_s": med["all_masked"], "walls_s": walls, "ratio": ratio,
+          "min_free_cores": min((f for f in free if f is not None), default=None)}
 
 
 def _count(cfg) -> int:
