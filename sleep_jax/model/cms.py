@@ -192,10 +192,10 @@ def level_apply(p, x, slot_mask, *, expert_top_k, slot_top_k, route_rng=None, lo
         if live:
           return slot_experts(diff["p"], diff["x"], aux["mask"], top_k=slot_top_k,
                               route_rng=aux["rng"], sticky=st, key_gate=diff["key_gate"])
+        xx = diff["x"]
         if need_scores:
-          return (jnp.zeros_like(x), *_keyed(slot_scores(diff["p"], diff["x"], st),
-                                             diff["key_gate"]))
-        return jnp.zeros_like(x), jnp.zeros(x.shape[:-1] + slot_mask.shape, jnp.float32), None
+          return jnp.zeros_like(xx), *_keyed(slot_scores(diff["p"], xx, st), diff["key_gate"])
+        return jnp.zeros_like(xx), jnp.zeros(xx.shape[:-1] + slot_mask.shape, jnp.float32), None
       return run
 
     ys, scores, last = remat_cond(
