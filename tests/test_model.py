@@ -69,13 +69,18 @@ def test_sticky_gates_are_the_running_maximum(params):
   assert not np.allclose(want, np.where(v, np.asarray(plain[0][0]), 0.0))  # it did stick
 
 
-def test_masked_slots_are_exactly_absent(params):
-  toks, valid = _mixed_batch()
-  no_slot_cfg = dataclasses.replace(CFG, n_slots=0)
+def _without_slots(params):
+  """The same model built without slots: its config and its parameters."""
   p0 = jax.tree.map(lambda x: x, params)
   for j in range(CFG.n_levels):
     for k in ("slot_a", "slot_b", "slot_router"):
       del p0["layers"][T.level_name(j)][k]
+  return dataclasses.replace(CFG, n_slots=0), p0
+
+
+def test_masked_slots_are_exactly_absent(params):
+  toks, valid = _mixed_batch()
+  no_slot_cfg, p0 = _without_slots(params)
   ref, _ = T.apply(p0, toks, no_slot_cfg, valid=valid)
   got, _ = T.apply(params, toks, CFG, valid=valid, slot_mask=T.slot_mask_none(CFG))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
@@ -138,11 +143,7 @@ def test_slot_levels_backward_equals_plain_cond(params, monkeypatch):
 
 def test_all_masked_gradients_equal_the_model_without_slots(params):
   toks, valid = _mixed_batch()
-  no_slot_cfg = dataclasses.replace(CFG, n_slots=0)
-  p0 = jax.tree.map(lambda x: x, params)
-  for j in range(CFG.n_levels):
-    for k in ("slot_a", "slot_b", "slot_router"):
-      del p0["layers"][T.level_name(j)][k]
+  no_slot_cfg, p0 = _without_slots(params)
 
   def loss(p, cfg, **kw):
     return jnp.mean(jax.nn.logsumexp(T.apply(p, toks, cfg, valid=valid, **kw)[0], -1))
