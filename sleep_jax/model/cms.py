@@ -58,13 +58,13 @@ def _lora_delta(x, lora, name, scale, expert_axis=False):
 
 def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None, lora_scale=1.0):
   """Routed SwiGLU experts. p: wi_gate/wi_up (E, d, F), wo (E, F, d), expert_router (d, E); a
-  single expert's weights may come without the expert axis (d, F), (F, d)."""
-  if p["wi_gate"].ndim == 2 or p["wi_gate"].shape[0] == 1:
-    w = {k: p[k] if p[k].ndim == 2 else p[k][0] for k in ("wi_gate", "wi_up", "wo")}
-    g = x @ w["wi_gate"] + _lora_delta(x, lora, "gate", lora_scale)
-    u = x @ w["wi_up"] + _lora_delta(x, lora, "up", lora_scale)
+  single always-on expert comes without its expert axis, (d, F) and (F, d)
+  (``transformer._squeeze_single_experts``)."""
+  if p["wi_gate"].ndim == 2:
+    g = x @ p["wi_gate"] + _lora_delta(x, lora, "gate", lora_scale)
+    u = x @ p["wi_up"] + _lora_delta(x, lora, "up", lora_scale)
     h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
-    return h @ w["wo"] + _lora_delta(h, lora, "down", lora_scale)
+    return h @ p["wo"] + _lora_delta(h, lora, "down", lora_scale)
   logits = (x @ p["expert_router"]).astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   on = top_k_mask(probs, jnp.ones_like(probs, bool), top_k)
