@@ -181,6 +181,26 @@ def test_dreams_in_groups_equal_all_at_once(setup):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_logprobs_in_row_groups_equal_one_pass(setup, monkeypatch):
+  """Past the logits budget the output head runs over row groups (3 rows as 2 + 1): the same
+  log-probs and the same gradient of tau."""
+  params, mask, _, task, lora0, _ = setup
+  logprobs = DT.sequence_logprobs.__wrapped__  # unjitted: the budget is read at each trace
+
+  def tau(lo):
+    lp = logprobs(params, lo, CFG, mask, task["tokens"], task["valid"], lora_scale=SCALE)
+    return jnp.sum(lp * task["completion_mask"]), lp
+
+  whole = jax.value_and_grad(tau, has_aux=True)(lora0)
+  heads, unembed = [], T.unembed
+  monkeypatch.setattr(T, "unembed", lambda *a: heads.append(a[1].shape) or unembed(*a))
+  monkeypatch.setattr(DT, "LOGITS_BUDGET", 2 * 4 * 10 * CFG.vocab_size)  # two rows' logits
+  grouped = jax.value_and_grad(tau, has_aux=True)(lora0)
+  assert heads and heads[0][0] == 2  # the head saw groups of 2 rows
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(grouped)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_trials_scored_on_their_own_passage(setup):
   """``tau_scope="passage"``: each trial is scored on the tau rows of its own group, against the
   base on those rows; an offered candidate (prompt -1) on every row. Reference: the same trial

@@ -41,6 +41,12 @@ def test_changed_config_stops_narrowed_methods_reuse_and_results_keep_every_run(
   assert set(res["methods"]) == {"base", "in_context"}
   md = open(os.path.join(work, "results.md")).read()
   assert "| base |" in md and "| in_context |" in md
+  # A batching key (dreams per vmap: memory, not results) is not a config change.
+  c = _config(base_cache, ("base",))
+  c.dreaming.parallel_dreams = 3
+  logs.clear()
+  cycle.run_experiment(c, work, log=logs.append)
+  assert any(m.startswith("base seed 0: finished, reused") for m in logs)
   # One result-relevant key changed: stop, naming it, before anything is overwritten.
   before = open(os.path.join(work, "runs/base/seed_0/result.json")).read()
   c = _config(base_cache, ("base",))

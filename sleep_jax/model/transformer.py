@@ -349,12 +349,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     new_kv, gates = new_kv
 
   h = rms_norm(h[:, logits_from:], params["final_norm"], cfg.norm_eps)
-  if return_hidden:
-    out = h
-  else:
-    w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    out = jnp.einsum("btd,dv->btv", h, w.astype(dt)).astype(jnp.float32)
-    out = constrain(out, ("batch", "length", "vocab"))
+  out = h if return_hidden else unembed(params, h, cfg)
   new_cache = None
   if cache is not None:
     new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": key_valid, "index": idx + T,
@@ -376,6 +371,13 @@ def _squeeze_single_experts(layers):
       return lvl
     return {**lvl, **{k: lvl[k][:, 0] for k in ("wi_gate", "wi_up", "wo")}}
   return {k: squeeze(v) if k.startswith("cms_") else v for k, v in layers.items()}
+
+
+def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The output head: final hidden states (B, T, D) -> float32 logits (B, T, V)."""
+  w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  out = jnp.einsum("btd,dv->btv", h, w.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
+  return constrain(out, ("batch", "length", "vocab"))
 
 
 def logits_to_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -23,16 +23,32 @@ from sleep_jax.sleep.dream_batches import Dreams
 init_adapter = jax.jit(lora_lib.init, static_argnums=(1, 2, 3))
 SCORE_RULES = ("grad_norm", "grad_align", "random")
 SFT_CONTEXTS = ("prompt", "none")
+LOGITS_BUDGET = 2 ** 28  # bytes of (B, T, V) float32 logits one log-prob pass may hold
 OPTIMIZERS = ("sgd", "adam")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sequence_logprobs(params, lora, cfg: ModelConfig, slot_mask, tokens, valid, *,
                       lora_scale=1.0, route_rng=None):
-  """Token-aligned ``log p(tokens[:, t] | tokens[:, :t])`` under ``params (+ lora)`` (B, T)."""
-  logits, _ = transformer.apply(params, tokens, cfg, slot_mask=slot_mask, valid=valid, lora=lora,
-                                lora_scale=lora_scale, route_rng=route_rng)
-  return transformer.logits_to_logprobs(logits, tokens)
+  """Token-aligned ``log p(tokens[:, t] | tokens[:, :t])`` under ``params (+ lora)`` (B, T).
+
+  Past ``LOGITS_BUDGET`` bytes of (B, T, V) logits the output head runs over groups of rows
+  (``lax.map``, each group rematerialised in the backward): tau over a chunk's 226 questions on
+  SmolLM2's 49k vocabulary is 4 GB of logits per trial, and the trials run several at once."""
+  B, T = tokens.shape
+  rows = max(1, LOGITS_BUDGET // (4 * T * cfg.vocab_size))
+  if rows >= B:
+    logits, _ = transformer.apply(params, tokens, cfg, slot_mask=slot_mask, valid=valid,
+                                  lora=lora, lora_scale=lora_scale, route_rng=route_rng)
+    return transformer.logits_to_logprobs(logits, tokens)
+  h, _ = transformer.apply(params, tokens, cfg, slot_mask=slot_mask, valid=valid, lora=lora,
+                           lora_scale=lora_scale, route_rng=route_rng, return_hidden=True)
+  n = -(-B // rows)
+  pad = lambda x: jnp.pad(x, ((0, n * rows - B),) + ((0, 0),) * (x.ndim - 1))
+  group = jax.checkpoint(lambda hx: transformer.logits_to_logprobs(
+      transformer.unembed(params, hx[0], cfg), hx[1]))
+  lp = jax.lax.map(group, (pad(h).reshape(n, rows, T, -1), pad(tokens).reshape(n, rows, T)))
+  return lp.reshape(n * rows, T)[:B]
 
 
 def sft_loss(params, lora, cfg: ModelConfig, slot_mask, tokens, valid, completion_mask, *,

@@ -3,7 +3,9 @@
 ``runs/<method>/seed_<s>/`` holds the run's checkpoints, its ``result.json`` when finished, and
 ``config.json``: the *result-relevant* config it ran with, every key except the presentation ones
 (``PRESENTATION_KEYS``: which methods and seeds an invocation runs, how a changed config is
-handled, the device layout). A later invocation reuses (or resumes) the run only when that config
+handled, the device layout) and the batching ones (``BATCHING_KEYS``: how many items share one
+vmap, which bounds memory and not what is computed; ``tests/test_dreaming.py`` checks the equality).
+So a run killed for memory resumes with a smaller group. A later invocation reuses (or resumes) the run only when that config
 equals its own; otherwise it stops naming the differing keys, or with
 ``--config.on_config_change=restart`` starts the run afresh. ``finished_runs`` lists every
 finished run of the workdir with the current config, for the results table.
@@ -19,6 +21,7 @@ from typing import Dict, Iterator, List, Tuple
 from sleep_jax.errors import UserError
 
 PRESENTATION_KEYS = ("methods", "seeds", "on_config_change", "mesh", "distributed")
+BATCHING_KEYS = ("dreaming.parallel_dreams",)
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 
@@ -37,10 +40,20 @@ def _flat(d, prefix="") -> Dict[str, object]:
   return out
 
 
+def _relevant(flat: Dict[str, object]) -> Dict[str, object]:
+  return {k: v for k, v in sorted(flat.items())
+          if k.split(".")[0] not in PRESENTATION_KEYS and k not in BATCHING_KEYS}
+
+
 def relevant_config(config) -> Dict[str, object]:
   """The flat {dotted key: value} of every result-relevant key, JSON-normalised."""
-  flat = _flat(json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in sorted(flat.items()) if k.split(".")[0] not in PRESENTATION_KEYS}
+  return _relevant(_flat(json.loads(config.to_json_best_effort())))
+
+
+def _recorded(path: str) -> Dict[str, object]:
+  """A run's recorded config, without the keys an older version also recorded."""
+  with open(path) as f:
+    return _relevant(json.load(f))
 
 
 def differing_keys(a: Dict, b: Dict) -> List[str]:
@@ -55,8 +68,7 @@ def check_or_claim(config, out_dir: str, name: str, seed: int, log=print) -> Non
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     recorded = None
     if os.path.exists(path):
-      with open(path) as f:
-        recorded = json.load(f)
+      recorded = _recorded(path)
     if recorded != current:
       keys = differing_keys(recorded or {}, current) if recorded is not None else []
       what = (f"keys {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} differ" if keys
@@ -88,8 +100,7 @@ def finished_runs(config, workdir: str) -> Iterator[Tuple[str, str, dict]]:
       if not (sd.startswith("seed_") and os.path.exists(os.path.join(d, RESULT_FILE))):
         continue
       try:
-        with open(os.path.join(d, CONFIG_FILE)) as f:
-          same = json.load(f) == current
+        same = _recorded(os.path.join(d, CONFIG_FILE)) == current
       except (OSError, ValueError):
         same = False
       if same:
