@@ -321,3 +321,23 @@ def test_keyed_slots_through_the_driver(tmp_path, base_cache, monkeypatch):
   final = res["methods"]["sleep_no_dream"]["seeds"]["0"]["metrics"]
   for probe in ("retention_qa_change", "in_context_heldout_change", "kl_to_base"):
     assert final[probe] == 0.0, (probe, final)
+
+
+def test_sft_and_grpo_get_the_replay_the_consolidation_gets():
+  """``consolidation.replay_fraction``: SFT and GRPO learn from chunk t plus the same number of
+  earlier documents a sleep replays (same data for every method), drawn from earlier chunks
+  only; none without replay or in the first chunk."""
+  import types
+  import jax
+  from sleep_jax.sleep import phases
+  c = knowledge.get_config("test")
+  chunks = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)], [f"c{i}" for i in range(4)]]
+  ctx = types.SimpleNamespace(config=c, setup=types.SimpleNamespace(chunks=chunks),
+                              key=lambda *p: jax.random.fold_in(jax.random.key(0), len(p)))
+  assert phases.chunk_with_replay(ctx, 2) == chunks[2]  # replay_fraction 0
+  c.consolidation.replay_fraction = 0.5
+  assert phases.chunk_with_replay(ctx, 0) == chunks[0]
+  docs = phases.chunk_with_replay(ctx, 2)
+  assert docs[:4] == chunks[2] and len(docs) == 6
+  assert set(docs[4:]) <= set(chunks[0] + chunks[1]) and len(set(docs[4:])) == 2
+  assert docs[4:] == phases.replayed_documents(ctx, 2, 0.5)

@@ -15,6 +15,8 @@ Variants (``--config=...reasoning.py:VARIANT``):
 * ``default`` the tiny arithmetic base (``data/arith_corpus.py``; pretrained once into
               WORKDIR/base, or the shipped asset), levels 3 and 4, every method, 1 seed;
 * ``seeds``   the same with 3 seeds;
+* ``replay``  the same 3 seeds, and every sleep (and SFT, GRPO) re-studies the earlier level's
+              problems next to the new ones (``consolidation.replay_fraction`` 1);
 * ``smollm2_base`` SmolLM2-135M-Instruct's own pass rate per level (greedy and avg@4): pick the
               levels where it is between 10% and 60%;
 * ``smollm2`` every method on SmolLM2 (GPU-sized);
@@ -33,6 +35,7 @@ METHODS = ("base", "sft_questions", "grpo", "opsd", "opsd_expansion", "sleep_no_
            "sleep", "sleep_no_simulation")  # + "sleep_no_imitation" etc. on the command line
 HELP = {"default": "the tiny arithmetic base, every method, 1 seed (CPU)",
         "seeds": "the same with 3 seeds",
+        "replay": "3 seeds, every learner re-studies the earlier level's problems",
         "smollm2_base": "SmolLM2-135M-Instruct's own pass rate per level (CPU, minutes)",
         "smollm2": "every method on SmolLM2-135M-Instruct (GPU-sized)",
         "test": "seconds-long, for the unit tests"}
@@ -114,6 +117,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     pass
   elif variant == "seeds":
     c.seeds = (0, 1, 2)
+  elif variant == "replay":
+    # Level 4's sleep re-studies as many level-3 problems as it has new ones, at the same
+    # steps (half the new problems' exposures): the loss of the earlier level was the loss.
+    c.seeds = (0, 1, 2)
+    k.replay_fraction = 1.0
   elif variant in ("smollm2", "smollm2_base"):
     # SmolLM2-135M-Instruct through its chat template; levels where its base pass rate is
     # between 10% and 60% (measured with ``smollm2_base``: the base alone, every level).

@@ -224,6 +224,14 @@ def replayed_documents(ctx: Context, t: int, fraction: float) -> list:
   return [old[int(i)] for i in np.asarray(pick)]
 
 
+def chunk_with_replay(ctx: Context, t: int) -> list:
+  """Chunk t's documents plus the replayed earlier ones (``consolidation.replay_fraction``):
+  the learners that train existing weights (SFT, GRPO) get the replay the consolidation gets,
+  so that every method sees the same data."""
+  frac = float(ctx.config.consolidation.get("replay_fraction", 0.0))
+  return list(ctx.setup.chunks[t]) + replayed_documents(ctx, t, frac)
+
+
 def deep_sleep(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   """The cascade, fastest level first: CMS level l-1 -> l for every level due after chunk t."""
   if ctx.method.learn != "sleep":
@@ -272,7 +280,7 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
 # ----------------------------------------------------------------------------------------------
 def sft(st: SleepState, ctx: Context, t: int):
   """SFT on the chunk's passages (TTT: on task variants; ``selfgen``: plus self-written dreams)."""
-  c, s, docs = ctx.config, ctx.setup, ctx.setup.chunks[t]
+  c, s, docs = ctx.config, ctx.setup, chunk_with_replay(ctx, t)
   if ctx.method.variants:
     # TTT: the demonstrations as leave-one-out tasks plus task variants, loss on the answers.
     rows, starts = task_lib.variant_rows(s, docs, np.random.default_rng([ctx.seed, t, 29]),
@@ -315,7 +323,7 @@ def grpo_learn(st: SleepState, ctx: Context, t: int):
   s, c = ctx.setup, ctx.config
   if "grpo" not in c:
     raise ValueError("method 'grpo' needs a config.grpo block (configs/reasoning.py has one)")
-  qs = [q for d in s.chunks[t] for q in d.train_questions]
+  qs = [q for d in chunk_with_replay(ctx, t) for q in d.train_questions]
   prompts = [s.fmt.closed_book(q.q) for q in qs]
   stop, metric = set(s.fmt.stop_ids), str(c.eval.metric)
 
