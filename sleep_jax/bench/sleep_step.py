@@ -11,8 +11,8 @@ parts. The lower bound counts the same work at the measured roofs: each decode s
 model's own weights once at the measured bandwidth (or does its FLOPs at the matmul peak, if
 more), each forward (the teacher's, the judge's) is 2 FLOPs per matmul parameter per token, and the
 update of a student whose base is frozen is 4 (forward, and the backward through the activations only); the output
-head only where the loss reads logits (the completion window); attention, norms and the host
-count 0.
+head only where the loss reads logits (the completion window) or the sampler does (a prompt's
+last position); attention, norms and the host count 0.
 """
 
 import contextlib
@@ -72,7 +72,7 @@ def _lower_bound(ctx: Context, cfg, B: int, s_len: int, t_len: int, N: int, side
   decode_step = max(own_bytes / bw, 2 * mm["total"] * B / peak)
   window = N + 1  # positions whose logits the losses read
   return {
-      "sample": 2 * mm["total"] * B * s_len / peak + N * decode_step,
+      "sample": 2 * B * (body * s_len + head) / peak + N * decode_step,  # head: last only
       "teacher_forward": sides * 2 * B * (body * (t_len + N) + head * window) / peak,
       "rewards": 2 * B * (body * judge_len + head) / peak,  # the judge's forward
       "student_update": sides * 4 * B * (body * (s_len + N) + head * window) / peak,
