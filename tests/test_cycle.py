@@ -3,13 +3,15 @@
 import json
 import os
 import signal
+import types
 
+import jax
 import pytest
 
 from sleep_jax import errors
 from sleep_jax.configs import knowledge
 from sleep_jax.data import documents
-from sleep_jax.sleep import cycle, methods
+from sleep_jax.sleep import cycle, methods, phases
 
 
 @pytest.fixture(scope="module")
@@ -327,9 +329,6 @@ def test_sft_and_grpo_get_the_replay_the_consolidation_gets():
   """``consolidation.replay_fraction``: SFT and GRPO learn from chunk t plus the same number of
   earlier documents a sleep replays (same data for every method), drawn from earlier chunks
   only; none without replay or in the first chunk."""
-  import types
-  import jax
-  from sleep_jax.sleep import phases
   c = knowledge.get_config("test")
   chunks = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)], [f"c{i}" for i in range(4)]]
   ctx = types.SimpleNamespace(config=c, setup=types.SimpleNamespace(chunks=chunks),

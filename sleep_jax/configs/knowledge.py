@@ -279,8 +279,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.dreaming.rounds = 1
     c.dreaming.max_new_tokens = 48
     c.dreaming.inner_steps = 2
-    # Dreams per vmap in scoring and trials: each holds a SmolLM2 backward pass, and 120 dreams
-    # in one vmap (20 documents x m 6) went past 24 GB.
+    # Dreams per vmap in scoring and trials: each holds a SmolLM2 backward pass (the GPU
+    # variant writes 32 per round).
     c.dreaming.parallel_dreams = 8
     c.dream_training.steps = 8
     c.dream_training.batch_size = 4

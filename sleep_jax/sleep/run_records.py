@@ -4,11 +4,12 @@
 ``config.json``: the *result-relevant* config it ran with, every key except the presentation ones
 (``PRESENTATION_KEYS``: which methods and seeds an invocation runs, how a changed config is
 handled, the device layout) and the batching ones (``BATCHING_KEYS``: how many items share one
-vmap, which bounds memory and not what is computed; ``tests/test_dreaming.py`` checks the equality).
-So a run killed for memory resumes with a smaller group. A later invocation reuses (or resumes) the run only when that config
-equals its own; otherwise it stops naming the differing keys, or with
-``--config.on_config_change=restart`` starts the run afresh. ``finished_runs`` lists every
-finished run of the workdir with the current config, for the results table.
+vmap, which bounds memory and not what is computed; ``tests/test_dreaming.py`` checks the
+equality), so that a run killed for memory resumes with a smaller group. A later invocation
+reuses (or resumes) the run only when that config equals its own; otherwise it stops naming
+the differing keys, or with ``--config.on_config_change=restart`` starts the run afresh.
+``finished_runs`` lists every finished run of the workdir with the current config, for the
+results table.
 """
 
 from __future__ import annotations
