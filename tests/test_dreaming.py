@@ -266,8 +266,11 @@ def _small_config(**kw):
 
 def test_dream_loop_accepts_by_margin_and_disables(setup):
   params, mask, _, task, _, _ = setup
-  run = lambda c: D.dream(params, CFG, mask, PROMPTS, task, key(7), c, stop_tokens=STOP)
+  stages = []
+  run = lambda c: D.dream(params, CFG, mask, PROMPTS, task, key(7), c, stop_tokens=STOP,
+                          on_stage=stages.append)
   everything = run(_small_config(margin=-1e9))
+  assert stages == list(D.STAGES) * 2  # the progress bar moves within each round
   assert len(everything) == 2 * 4 and [m["n_accepted"] for m in everything.metrics] == [4, 4]
   assert everything.tokens.shape[1] == 5 + N_NEW
   assert np.all(everything.completion_mask <= everything.valid)

@@ -112,7 +112,9 @@ def test_progress_in_a_log_file_is_one_line_per_loop():
   out = io.StringIO()
   bar = LineProgress(total=4, desc="slow loop", stream=out)
   bar.every = 0.0  # a long loop: a line per interval with the ETA, then the final one
+  bar.set_postfix(stage="scored")  # which part of a long step it is in (dreaming's stages)
   bar.update(1)
   bar.close()
   lines = out.getvalue().splitlines()
   assert len(lines) == 2 and lines[0].startswith("slow loop: 1/4, ") and "ETA" in lines[0]
+  assert lines[0].endswith("stage=scored")

@@ -179,7 +179,8 @@ class LineProgress:
     if now - self.last >= self.every and self.total:
       done = self.n - self.start_n
       eta = (now - self.t0) / done * (self.total - self.n) if done else float("nan")
-      self._print(f"{self.desc}: {self.n}/{self.total}, {now - self.t0:.0f} s, ETA {eta:.0f} s")
+      self._print(f"{self.desc}: {self.n}/{self.total}, {now - self.t0:.0f} s, ETA {eta:.0f} s"
+                  + (f", {self.postfix}" if self.postfix else ""))
       self.last = now
 
   def set_postfix(self, **kw):

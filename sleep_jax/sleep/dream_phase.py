@@ -133,8 +133,8 @@ def closed_book_view(fmt, docs, templates, copy_title: bool = False):
 def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = None,
            dream_docs=None, simulated: Optional[dream_sim.Simulated] = None):
   """Dreaming on ``docs`` (dreams written from ``dream_docs``, by default ``docs``); for chunk
-  ``t`` (not the generator's training) under a progress bar with one point per round on the
-  training curves. ``simulated``: dream simulation's verified trajectories, offered as
+  ``t`` (not the generator's training) under a progress bar that moves at each stage of a round,
+  with one point per round on the training curves. ``simulated``: dream simulation's verified trajectories, offered as
   candidates."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
   prompts, tau, cand, tau_doc = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
@@ -155,14 +155,15 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
   copy_title = bool(dcfg.copy_title)
   view = (closed_book_view(ctx.setup.fmt, docs, dcfg.templates, copy_title)
           if dcfg.trial_view == "closed_book" else None)
-  run = lambda on_round: dreaming.dream(
+  run = lambda on_round, on_stage=None: dreaming.dream(
       st.params, ctx.setup.cfg, st.slot_mask, prompts, tau, key, dcfg, generator=st.generator,
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id, candidates=cand,
       on_round=on_round, trial_view=view, task_groups=groups,
-      copy=task_lib.entity_copy(ctx.setup, docs, dcfg.templates, copy_title))
+      copy=task_lib.entity_copy(ctx.setup, docs, dcfg.templates, copy_title), on_stage=on_stage)
   if t is None:
     return run(None)
-  return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False)
+  return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False,
+                              stages=dreaming.STAGES)
 
 
 def _written_and_kept(st: SleepState, ctx: Context, t: int):

@@ -164,6 +164,21 @@ class DreamResult:
     return Dreams(self.tokens, self.valid, self.completion_mask)
 
 
+# The parts of one round, in order, as ``on_stage`` reports them.
+STAGES = ("written", "scored", "tried", "generator")
+
+
+def _stage_reporter(on_stage: Optional[Callable[[str], None]]) -> Callable:
+  """``done(name, value) -> value``: with ``on_stage``, waits for ``value`` on the device first,
+  so a stage is reported when its work has finished, not when it was dispatched."""
+  def done(name, value):
+    if on_stage is not None:
+      jax.block_until_ready(value)
+      on_stage(name)
+    return value
+  return done
+
+
 class Dreamer:
   """Runs dreaming rounds; holds only the loop state (generator LoRA + optimizer, config)."""
 
@@ -190,21 +205,25 @@ class Dreamer:
                                  r.targets, r.optimizer)
     self.generator = generator
 
-  def round(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None
+  def round(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None,
+            on_stage: Optional[Callable[[str], None]] = None
             ) -> Tuple[Dreams, np.ndarray, np.ndarray, Dict[str, Any], Dreams]:
     """One round. Returns (kept dreams, their row indices in the m samples (then the
     ``candidates``: index ``m + j``), their rewards, metrics, the m written dreams) and updates
     the generator.
 
     ``candidates``: extra dreams (``fixed_dreams`` layout) scored, selected and trialled with the
-    m sampled ones; the generator's ReST-EM step learns only from its own sampled dreams."""
+    m sampled ones; the generator's ReST-EM step learns only from its own sampled dreams.
+    ``on_stage(name)``: after each of ``STAGES`` has finished on the device (a round on a real
+    model takes minutes: the progress bar moves per stage)."""
     c, cfg = self.config, self.cfg
+    done = _stage_reporter(on_stage)
     r_sample, r_lora, r_score, r_select = jax.random.split(rng, 4)
     out = sample_dreams(self.params, cfg, self.slot_mask, context_prompts, r_sample, c.m,
                         c.max_new_tokens, c.temperature, c.random_expert, self.generator.lora,
                         gen_lora_scale=self.generator.scale, top_k=c.top_k, top_p=c.top_p,
                         stop_tokens=self.stop_tokens, pad_id=self.pad_id, copy=self.copy)
-    dreams = written = as_dreams(out)
+    dreams = written = done("written", as_dreams(out))
     if candidates is not None:
       dreams = concat_dreams(dreams, candidates, self.pad_id)
     view = dreams
@@ -218,7 +237,7 @@ class Dreamer:
     scores = score_dreams(self.params, cfg, self.slot_mask, lora0, view, task_batch, r_score,
                           rule=c.score, lora_scale=lscale, task_score_fn=self.task_score_fn,
                           sft_context=c.sft_context, parallel=parallel)
-    idx = select(scores, c.k, c.b, r_select)
+    idx = select(done("scored", scores), c.k, c.b, r_select)
     kept = take(dreams, idx)
     masks = {}
     if self.task_groups is not None:
@@ -228,12 +247,13 @@ class Dreamer:
                         optimizer=c.inner_optimizer, lora_scale=lscale, margin=c.margin,
                         task_score_fn=self.task_score_fn, sft_context=c.sft_context,
                         parallel=parallel, **masks)
+    done("tried", trials.rewards)
     g = self.generator
     sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
     new_lora, new_state, rm = rest_em_round(
         self.params, cfg, self.slot_mask, g.lora, g.opt_state, kept, trials.rewards * sampled,
         steps=c.rest_em.steps, lr=c.rest_em.lr, lora_scale=g.scale, optimizer=c.rest_em.optimizer)
-    self.generator = Generator(new_lora, new_state, g.scale)
+    self.generator = Generator(done("generator", new_lora), new_state, g.scale)
     rewards = np.asarray(trials.rewards)
     metrics = {
         "scores": np.asarray(scores).tolist(),
@@ -250,9 +270,11 @@ class Dreamer:
     return kept, np.asarray(idx), rewards, metrics, written
 
   def run(self, context_prompts, task_batch, rng, candidates: Optional[Dreams] = None,
-          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DreamResult:
+          on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
+          on_stage: Optional[Callable[[str], None]] = None) -> DreamResult:
     """``config.rounds`` rounds; accepted = every kept dream with reward 1, over all rounds
-    (``prompt_index`` -1 for an accepted candidate). ``on_round(i, scalars)`` after each."""
+    (``prompt_index`` -1 for an accepted candidate). ``on_round(i, scalars)`` after each,
+    ``on_stage`` within each (``round``)."""
     _, _, prompt_idx = prompt_batch(context_prompts, self.config.m, self.pad_id)
     if candidates is not None:
       prompt_idx = np.concatenate([prompt_idx, np.full(candidates.tokens.shape[0], -1)])
@@ -261,7 +283,8 @@ class Dreamer:
     metrics, written = [], []
     for rnd, key in enumerate(jax.random.split(rng, self.config.rounds)):
       t0 = time.perf_counter()
-      kept, idx, rewards, m, w = self.round(context_prompts, task_batch, key, candidates)
+      kept, idx, rewards, m, w = self.round(context_prompts, task_batch, key, candidates,
+                                               on_stage)
       written += [(r[c].tolist(), int(i)) for r, c, i in zip(
           np.asarray(w.tokens), np.asarray(w.completion_mask, bool), prompt_idx)]
       ok = rewards > 0
@@ -305,13 +328,15 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
           candidates: Optional[Dreams] = None,
           on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
           trial_view: Optional[Callable] = None,
-          task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None, copy=None) -> DreamResult:
+          task_groups: Optional[Tuple[np.ndarray, np.ndarray]] = None, copy=None,
+          on_stage: Optional[Callable[[str], None]] = None) -> DreamResult:
   """Dreaming for one sleep: ``config.rounds`` rounds of sample -> score -> select -> trials ->
   reward -> ReST-EM. ``context_prompts``: token lists (e.g. ``DreamTemplates.prompts``);
   ``task_batch``: tokens/valid/completion_mask for tau. ``enabled=False`` returns no dreams.
   Pass the returned ``generator`` back in to keep the ReST-EM generator across sleeps.
   ``candidates``: extra given dreams competing with the sampled ones (``Dreamer.round``);
   ``on_round``: called after each round with its scalar metrics (progress, training curves);
+  ``on_stage(name)``: after each of a round's ``STAGES`` (progress within a long round);
   ``trial_view``: how scoring and the trials read the dreams; ``task_groups``: score each trial
   on its own passage's tau rows (``Dreamer``); ``copy``: entity copying (``sample_dreams``).
   """
@@ -322,4 +347,4 @@ def dream(params, cfg: ModelConfig, slot_mask, context_prompts, task_batch, rng,
   d = Dreamer(params, cfg, config, slot_mask=slot_mask, generator=generator, rng=r_gen,
               task_score_fn=task_score_fn, stop_tokens=stop_tokens, pad_id=pad_id,
               trial_view=trial_view, task_groups=task_groups, copy=copy)
-  return d.run(context_prompts, task_batch, r_run, candidates, on_round)
+  return d.run(context_prompts, task_batch, r_run, candidates, on_round, on_stage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -110,21 +110,28 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase,
 
 
 def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
-                  hook: bool = True):
+                  hook: bool = True, stages: Sequence[str] = ()):
   """``run(on_step)`` under a progress bar named for the method, seed, chunk and phase; every
   ``on_step(i, metrics)`` goes to the run's training curves and (with ``hook``) to the run's
-  hook (tests' kill points)."""
-  bar = ctx.progress(total=steps, desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}",
-                     leave=False)
+  hook (tests' kill points). With ``stages`` (the named parts of one step, e.g. a dreaming
+  round's) it is ``run(on_step, on_stage)`` and the bar moves at each ``on_stage(name)``
+  instead: a step of minutes is not silent."""
+  bar = ctx.progress(total=steps * max(1, len(stages)),
+                     desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}", leave=False)
 
   def on_step(i, m):
-    bar.update(1)
+    if not stages:
+      bar.update(1)
     ctx.log_step(phase, t, m)
     if hook:
       ctx.hook(phase, t, i)
 
+  def on_stage(name):
+    bar.set_postfix(stage=name)
+    bar.update(1)
+
   try:
-    return run(on_step)
+    return run(on_step, on_stage) if stages else run(on_step)
   finally:
     bar.close()
 
