@@ -340,3 +340,36 @@ def test_sft_and_grpo_get_the_replay_the_consolidation_gets():
   assert docs[:4] == chunks[2] and len(docs) == 6
   assert set(docs[4:]) <= set(chunks[0] + chunks[1]) and len(set(docs[4:])) == 2
   assert docs[4:] == phases.replayed_documents(ctx, 2, 0.5)
+
+
+def test_replayed_passages_kept_are_anchors_with_the_gate_shut(tmp_path, base_cache,
+                                                               monkeypatch):
+  """``consolidation.replay_items = "passages_kept"``: a later sleep's replayed documents bring
+  their own questions as anchors (closed-book on both sides: the model as it woke up answers
+  them, gate target 0), never as new items with the passage in the teacher's prompt."""
+  from sleep_jax.tasks import base as task_lib, make_setup
+  c = _config(base_cache, methods=("sleep_no_dream",))
+  c.consolidation.replay_fraction, c.consolidation.replay_items = 1.0, "passages_kept"
+  c.deep_every = 1000
+  seen = []
+  original = phases._consolidate
+
+  def spy(st, ctx, teacher, student, *args, **kwargs):
+    seen.append((teacher, student, kwargs.get("gate_targets")))
+    return original(st, ctx, teacher, student, *args, **kwargs)
+
+  monkeypatch.setattr(phases, "_consolidate", spy)
+  work = str(tmp_path / "run")
+  cycle.run_experiment(c, work, log=lambda *_: None)
+  setup = make_setup(c, work, log=lambda *_: None)
+  (t0, s0, g0), (t1, s1, g1) = seen
+  new = task_lib.student_prompts(setup, setup.chunks[1])
+  assert s1[:len(new)] == new and g1[:len(new)] == [1.0] * len(new)
+  old = task_lib.student_prompts(setup, setup.chunks[0])
+  replayed = [(t, g) for t, s, g in zip(t1, s1, g1) if s in old]
+  assert replayed and all(g == 0.0 and t in old for t, g in replayed)
+  assert len(s1) == len(new) + len(replayed) + int(c.consolidation.anchor_prompts)
+  passages = [setup.tok.decode(t) for t in t1]
+  assert not any(d.passage in p for d in setup.chunks[0] for p in passages)
+  assert len(s0) == len(task_lib.student_prompts(setup, setup.chunks[0])) + len(
+      setup.anchor_prompts[:int(c.consolidation.anchor_prompts)])

@@ -17,6 +17,8 @@ Variants (``--config=...reasoning.py:VARIANT``):
 * ``seeds``   the same with 3 seeds;
 * ``replay``  the same 3 seeds, and every sleep (and SFT, GRPO) re-studies the earlier level's
               problems next to the new ones (``consolidation.replay_fraction`` 1);
+* ``gated``   replay, where a sleep's new slot keeps the earlier level's problems as anchors
+              (answered as the model woke up) and its trained gate stays shut on them;
 * ``smollm2_base`` SmolLM2-135M-Instruct's own pass rate per level (greedy and avg@4): pick the
               levels where it is between 10% and 60%;
 * ``smollm2`` every method on SmolLM2 (GPU-sized);
@@ -36,6 +38,7 @@ METHODS = ("base", "sft_questions", "grpo", "opsd", "opsd_expansion", "sleep_no_
 HELP = {"default": "the tiny arithmetic base, every method, 1 seed (CPU)",
         "seeds": "the same with 3 seeds",
         "replay": "3 seeds, every learner re-studies the earlier level's problems",
+        "gated": "replay; the earlier level's problems are anchors a slot's gate stays shut on",
         "smollm2_base": "SmolLM2-135M-Instruct's own pass rate per level (CPU, minutes)",
         "smollm2": "every method on SmolLM2-135M-Instruct (GPU-sized)",
         "test": "seconds-long, for the unit tests"}
@@ -117,11 +120,19 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     pass
   elif variant == "seeds":
     c.seeds = (0, 1, 2)
-  elif variant == "replay":
+  elif variant in ("replay", "gated"):
     # Level 4's sleep re-studies as many level-3 problems as it has new ones, at the same
     # steps (half the new problems' exposures): the loss of the earlier level was the loss.
     c.seeds = (0, 1, 2)
     k.replay_fraction = 1.0
+    if variant == "gated":
+      # The new slot is on for every problem, so level 4's slot rewrote level 3's answers
+      # (README: expansion is what costs the earlier level). Here the replayed level-3
+      # problems are anchors instead (the model as it woke up answers them) and each slot's
+      # gate (a hidden layer, the world's setting) learns to stay shut on them. SFT and GRPO
+      # get the same replayed problems as data.
+      k.replay_items = "passages_kept"
+      k.gate_weight, k.gate_positions, c.model_gate_hidden = 20.0, "anchor_all", 32
   elif variant in ("smollm2", "smollm2_base"):
     # SmolLM2-135M-Instruct through its chat template; levels where its base pass rate is
     # between 10% and 60% (measured with ``smollm2_base``: the base alone, every level).

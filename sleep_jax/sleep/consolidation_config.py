@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ml_collections
 
+# What a replayed document brings to a sleep (``replay_items`` below).
+REPLAY_ITEMS = ("passages", "passages_kept", "dreams", "dreams_kept")
+
 
 def default_config() -> ml_collections.ConfigDict:
   """Every knob of one consolidation event. Paper values (App. B): lr 5e-6, batch 32, 100 steps."""
@@ -37,9 +40,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
   # mixed into each sleep, this fraction of the new ones.
   c.replay_fraction = 0.0
-  # What a replayed document brings (``phases.replayed_dream_items``): "passages" its own items;
-  # "dreams" its accepted dreams' questions, taught again; "dreams_kept" those as anchors.
-  c.replay_items = "passages"
+  # What a replayed document brings (``phases.consolidate``): "passages" its own items, taught
+  # again from the passage; "passages_kept" those as anchors (the model as it woke up answers
+  # them, the new slot's gate shut); "dreams" its accepted dreams' questions, taught again;
+  # "dreams_kept" those as anchors.
+  c.replay_items = "passages"  # one of REPLAY_ITEMS
   # beta: weight of the student's cross-entropy on answers the source supports (a document's
   # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
   c.ce_weight = 0.0

@@ -20,7 +20,7 @@ import numpy as np
 
 from sleep_jax.eval import answers
 from sleep_jax.model import growth, slot_keys
-from sleep_jax.sleep import consolidation, dream_qa, dreaming
+from sleep_jax.sleep import consolidation, consolidation_config, dream_qa, dreaming
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.memory import Episode
 from sleep_jax.sleep.sleep_state import SleepState
@@ -166,11 +166,13 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
   mode = str(kcfg.get("replay_items", "passages"))
   old_teacher, old_student, covered = replayed_dream_items(st, ctx, replayed, mode)
   n_replayed = len(old_student)
+  if mode == "passages_kept":  # the replayed documents' own items, as anchors (below)
+    old_student, covered = task_lib.student_prompts(ctx.setup, replayed), {d.id for d in replayed}
   docs = ctx.setup.chunks[t] + [d for d in replayed if d.id not in covered]
   anchors = [] if keyed else ctx.setup.anchor_prompts[:int(kcfg.anchor_prompts)] + (
       task_lib.value_anchors(ctx.setup, docs, int(kcfg.get("value_anchors", 0)),
                              np.random.default_rng([ctx.seed, t])) + list(anchors))
-  if mode == "dreams_kept":  # kept as the model woke up, with the new slot shut on them
+  if mode in ("dreams_kept", "passages_kept"):  # kept as the model woke up, new slot shut
     anchors, old_teacher, old_student = anchors + old_student, [], []
   template = str(kcfg.get("prompt_template", ""))
   if template:
@@ -191,7 +193,7 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
                      keys=task_lib.entity_names(ctx.setup, ctx.setup.chunks[t]) if keyed else None)
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
-  if mode != "passages":  # how many earlier dream questions this sleep replayed
+  if mode.startswith("dreams"):  # how many earlier dream questions this sleep replayed
     out["replayed_dream_questions"] = n_replayed
   bad = [i for i, h in enumerate(res.history) if not math.isfinite(h.get("loss", 0.0))]
   if bad:  # the run stops on it (cycle.check_finite), naming this step
@@ -207,11 +209,12 @@ def _keyed(st: SleepState, method: methods_lib.Method) -> bool:
 def replayed_dream_items(st: SleepState, ctx: Context, replayed, mode: str):
   """(teacher prompts, student prompts, ids of the documents they are about) of the replayed
   documents' stored dream questions (``consolidation.replay_items``): the teacher reads the
-  passage, the student is asked closed-book. Empty for ``"passages"``."""
-  if mode not in ("passages", "dreams", "dreams_kept"):
-    raise ValueError(f"consolidation.replay_items={mode!r}; valid: 'passages', 'dreams', "
-                     "'dreams_kept'")
-  if mode == "passages":
+  passage, the student is asked closed-book. Empty for ``"passages"`` and
+  ``"passages_kept"``."""
+  if mode not in consolidation_config.REPLAY_ITEMS:
+    raise ValueError(f"consolidation.replay_items={mode!r}; valid: "
+                     + ", ".join(map(repr, consolidation_config.REPLAY_ITEMS)))
+  if mode in ("passages", "passages_kept"):
     return [], [], set()
   stored = st.memory.meta_by_id(DREAM_QUESTIONS)
   triples = [(d.passage, q, "") for d in replayed for q in stored.get(d.id, [])]

@@ -9,6 +9,7 @@ from typing import List
 
 from sleep_jax import tasks
 from sleep_jax.errors import UserError
+from sleep_jax.sleep import consolidation_config
 from sleep_jax.sleep import methods as methods_lib
 
 POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.max_new_tokens",
@@ -17,7 +18,7 @@ POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.ma
             "dream_training.batch_size", "seq_len")
 CHOICES = {"eval.metric": ("em", "contains", "checked"), "eval.rows": ("all", "latest"),
            "on_config_change": ("error", "restart"), "model_source": ("world", "gguf"),
-           "consolidation.replay_items": ("passages", "dreams", "dreams_kept"),
+           "consolidation.replay_items": consolidation_config.REPLAY_ITEMS,
            "consolidation.anchor_people": ("qa", "everyone"),
            "dreaming.stage": ("after", "before"), "dreaming.tau_scope": ("all", "passage"),
            "dreaming.tau_target": ("self", "gold", "written"),
