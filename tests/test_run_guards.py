@@ -151,3 +151,32 @@ def test_too_few_slots_for_the_stream_is_refused_before_any_sleep():
     validate.slot_capacity(c, setup)
   c.methods = ("base", "sft", "sleep_no_expansion")  # trains existing weights: no slots
   validate.slot_capacity(c, setup)
+
+
+def test_fewer_dreams_than_passages_is_warned_before_any_sleep():
+  """Dream row i reads prompt i mod P: with ``dreaming.m`` below a chunk's dream prompts, the
+  later passages get no dream. Said once, with the value that covers them; nothing for methods
+  that do not dream or templates that read no passage."""
+  from types import SimpleNamespace
+  from sleep_jax.data.documents import Document
+  doc = Document("d", "One. Two.", (), ())
+  c = knowledge.get_config("test")
+  c.methods = ("sft", "sleep_no_dream", "sleep", "sleep_no_grad_selection")
+  c.dreaming.templates = {"qa": "{context} Q:"}
+  setup = SimpleNamespace(chunks=[[doc] * 3, [doc] * 5])
+  said = []
+  c.dreaming.m = 5
+  validate.dream_coverage(c, setup, log=said.append)
+  assert said == []
+  c.dreaming.m = 4
+  validate.dream_coverage(c, setup, log=said.append)
+  assert said == ["warning: sleep: dreaming.m=4 dreams a round for 5 dream prompts a chunk: "
+                  "prompts 5-5 get no dream; pass --config.dreaming.m=5 (or a multiple) to "
+                  "write about every passage"]
+  c.dreaming.focus = "sentences"  # a prompt per sentence
+  validate.dream_coverage(c, setup, log=said.append)
+  assert "for 10 dream prompts" in said[-1]
+  c.dreaming.templates = {"environment": "Problem:"}  # reads no passage: coverage is moot
+  c.methods = ("sleep",)
+  validate.dream_coverage(c, setup, log=said.append)
+  assert len(said) == 2

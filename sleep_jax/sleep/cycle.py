@@ -240,6 +240,7 @@ def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=pr
   if config.data.source == "jsonl":
     validate.bound_inputs(config, setup, log=log)
   validate.slot_capacity(config, setup)  # before any sleep, not at the first exhausted level
+  validate.dream_coverage(config, setup, log=log)
   with mesh_lib.use_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext():
     setup = place(setup, mesh)
     # The final metrics of every run, one line each (curves: ``runs/<method>/seed_<s>/``).

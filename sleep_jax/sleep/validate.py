@@ -9,7 +9,7 @@ from typing import List
 
 from sleep_jax import tasks
 from sleep_jax.errors import UserError
-from sleep_jax.sleep import consolidation_config
+from sleep_jax.sleep import consolidation_config, dream_qa
 from sleep_jax.sleep import methods as methods_lib
 
 POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.max_new_tokens",
@@ -124,6 +124,27 @@ def bound_inputs(config, setup, log=print) -> None:
         doc = dataclasses.replace(doc, passage=" ".join(words[:lo]))
       out.append(doc)
     setup.chunks[ci] = out
+
+
+def dream_coverage(config, setup, log=print) -> None:
+  """A warning when a dreaming method writes fewer dreams a round than a chunk has dream
+  prompts that read a passage: row i is written from prompt ``i mod P``
+  (``dream_batches.prompt_batch``), so the passages after the first ``dreaming.m`` get none."""
+  for name in config.methods:
+    method = methods_lib.get(str(name))
+    if method.dreaming is None:
+      continue
+    dcfg = methods_lib.dreaming_config(method, config.dreaming)
+    reading = [t for t in dcfg.templates.values() if "{context}" in t]
+    if not dcfg.enabled or not reading:
+      continue
+    prompts = max(len(dream_qa.focused_documents(ch, dcfg.focus)[0]) for ch in setup.chunks)
+    prompts *= len(reading)
+    if int(dcfg.m) < prompts:
+      log(f"warning: {name}: dreaming.m={dcfg.m} dreams a round for {prompts} dream prompts "
+          f"a chunk: prompts {int(dcfg.m) + 1}-{prompts} get no dream; pass "
+          f"--config.dreaming.m={prompts} (or a multiple) to write about every passage")
+      return
 
 
 def slot_demand(schedule, slots: int, n_chunks: int, *, reset_between_chunks: bool = False,
