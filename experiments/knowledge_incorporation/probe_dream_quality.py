@@ -1,0 +1,66 @@
+"""What does a real model write when asked for study material about a passage? Samples dreams
+from SmolLM2-135M-Instruct (or ``--gguf F``) with the documents variant's template and with a
+template that asks for the ``Q:`` / ``A:`` layout, at two temperatures, on passages the
+20-document run does not use (21-40 of ``documents_fictional.jsonl``), and scores them the way
+the sleep records dream quality (``dream_qa.quality``): well-formed (at least one question /
+answer pair parsed), about the passage (a question names one of its entities) and supported
+(an answer occurs in the passage).
+
+    python experiments/knowledge_incorporation/probe_dream_quality.py [--samples 2]
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from sleep_jax.configs import knowledge
+from sleep_jax.data import documents
+from sleep_jax.model import sampler
+from sleep_jax.sleep import dream_batches, dream_qa
+from sleep_jax.tasks import models
+
+QA_LAYOUT = ("{context}\n\nWrite three questions about {title} that this text answers. Write "
+             "each as \"Q: <question>\" on one line and \"A: <short answer from the text>\" on "
+             "the next.")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--gguf", default="", help="model file (default: the fetched SmolLM2)")
+  ap.add_argument("--first", type=int, default=20, help="first passage (0-based)")
+  ap.add_argument("--n", type=int, default=20, help="passages")
+  ap.add_argument("--samples", type=int, default=2, help="dreams per passage and setting")
+  ap.add_argument("--workdir", default="/tmp/probe_dream_quality")
+  args = ap.parse_args()
+  c = knowledge.get_config("smollm2_docs")
+  c.gguf = args.gguf
+  m = models.load(c, args.workdir, log=lambda *a: None)
+  docs = documents.load_jsonl(c.data.documents)[args.first:args.first + args.n]
+  variant = list(c.dreaming.templates.values())[0]
+  settings = {"variant's template, T 1.0, 48 tokens (the run's)": (variant, 1.0, 48),
+              "variant's template, T 1.0, 96 tokens": (variant, 1.0, 96),
+              "variant's template, T 0.7, 96 tokens": (variant, 0.7, 96),
+              "Q:/A: layout, T 1.0, 96 tokens": (QA_LAYOUT, 1.0, 96),
+              "Q:/A: layout, T 0.7, 96 tokens": (QA_LAYOUT, 0.7, 96)}
+  print(f"{len(docs)} passages x {args.samples} dreams per setting")
+  print("| setting | well-formed | about the passage | supported | pairs | s |")
+  print("|---|---|---|---|---|---|")
+  for name, (tpl, temperature, new_tokens) in settings.items():
+    prompts = [m.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs] * args.samples
+    toks, valid, _ = dream_batches.prompt_batch(prompts, len(prompts), m.tok.pad_id)
+    t0 = time.perf_counter()
+    out = sampler.sample(m.params, toks, valid, jax.random.key(1), cfg=m.cfg,
+                         max_new_tokens=new_tokens, temperature=temperature,
+                         stop_tokens=m.fmt.stop_ids, pad_id=m.tok.pad_id)
+    texts = [m.tok.decode([int(t) for t, on in zip(row, mask) if on])
+             for row, mask in zip(np.asarray(out.tokens), np.asarray(out.completion_mask))]
+    q = dream_qa.quality(texts, [d.passage for d in docs] * args.samples)
+    pairs = sum(len(dream_qa.parse_qa_pairs(t)) for t in texts)
+    print(f"| {name} | {q['dream_wellformed']:.2f} | {q['dream_about_passage']:.2f} | "
+          f"{q['dream_supported']:.2f} | {pairs} | {time.perf_counter() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
