@@ -51,7 +51,7 @@ def relevant_config(config) -> Dict[str, object]:
   return _relevant(_flat(json.loads(config.to_json_best_effort())))
 
 
-def _recorded(path: str) -> Dict[str, object]:
+def recorded_config(path: str) -> Dict[str, object]:
   """A run's recorded config, without the keys an older version also recorded."""
   with open(path) as f:
     return _relevant(json.load(f))
@@ -69,7 +69,7 @@ def check_or_claim(config, out_dir: str, name: str, seed: int, log=print) -> Non
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     recorded = None
     if os.path.exists(path):
-      recorded = _recorded(path)
+      recorded = recorded_config(path)
     if recorded != current:
       keys = differing_keys(recorded or {}, current) if recorded is not None else []
       what = (f"keys {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} differ" if keys
@@ -101,7 +101,7 @@ def finished_runs(config, workdir: str) -> Iterator[Tuple[str, str, dict]]:
       if not (sd.startswith("seed_") and os.path.exists(os.path.join(d, RESULT_FILE))):
         continue
       try:
-        same = _recorded(os.path.join(d, CONFIG_FILE)) == current
+        same = recorded_config(os.path.join(d, CONFIG_FILE)) == current
       except (OSError, ValueError):
         same = False
       if same:
