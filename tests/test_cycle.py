@@ -347,29 +347,32 @@ def test_replayed_passages_kept_are_anchors_with_the_gate_shut(tmp_path, base_ca
   """``consolidation.replay_items = "passages_kept"``: a later sleep's replayed documents bring
   their own questions as anchors (closed-book on both sides: the model as it woke up answers
   them, gate target 0), never as new items with the passage in the teacher's prompt."""
+  from sleep_jax.model import transformer
+  from sleep_jax.sleep.sleep_state import SleepState
   from sleep_jax.tasks import base as task_lib, make_setup
   c = _config(base_cache, methods=("sleep_no_dream",))
   c.consolidation.replay_fraction, c.consolidation.replay_items = 1.0, "passages_kept"
-  c.deep_every = 1000
+  setup = make_setup(c, str(tmp_path / "run"), log=lambda *_: None)
   seen = []
-  original = phases._consolidate
 
-  def spy(st, ctx, teacher, student, *args, **kwargs):
+  def spy(st, ctx, teacher, student, *args, **kwargs):  # what the sleep would train on
     seen.append((teacher, student, kwargs.get("gate_targets")))
-    return original(st, ctx, teacher, student, *args, **kwargs)
+    return types.SimpleNamespace(params=st.params, slot_mask=st.slot_mask, slot=0, history=[])
 
   monkeypatch.setattr(phases, "_consolidate", spy)
-  work = str(tmp_path / "run")
-  cycle.run_experiment(c, work, log=lambda *_: None)
-  setup = make_setup(c, work, log=lambda *_: None)
-  (t0, s0, g0), (t1, s1, g1) = seen
+  ctx = cycle.context(c, setup, "sleep_no_dream", 0)
+  phases.consolidate(SleepState(setup.params, transformer.slot_mask_none(setup.cfg)), ctx, 1)
+  (teacher, student, gates), = seen
   new = task_lib.student_prompts(setup, setup.chunks[1])
-  assert s1[:len(new)] == new and g1[:len(new)] == [1.0] * len(new)
+  assert student[:len(new)] == new and gates[:len(new)] == [1.0] * len(new)
   old = task_lib.student_prompts(setup, setup.chunks[0])
-  replayed = [(t, g) for t, s, g in zip(t1, s1, g1) if s in old]
+  replayed = [(t, g) for t, s, g in zip(teacher, student, gates) if s in old]
   assert replayed and all(g == 0.0 and t in old for t, g in replayed)
-  assert len(s1) == len(new) + len(replayed) + int(c.consolidation.anchor_prompts)
-  passages = [setup.tok.decode(t) for t in t1]
+  assert len(student) == len(new) + len(replayed) + int(c.consolidation.anchor_prompts)
+  passages = [setup.tok.decode(t) for t in teacher]
   assert not any(d.passage in p for d in setup.chunks[0] for p in passages)
-  assert len(s0) == len(task_lib.student_prompts(setup, setup.chunks[0])) + len(
-      setup.anchor_prompts[:int(c.consolidation.anchor_prompts)])
+  c.consolidation.replay_items = "passages"  # the default: taught again from the passage
+  phases.consolidate(SleepState(setup.params, transformer.slot_mask_none(setup.cfg)), ctx, 1)
+  teacher, student, gates = seen[-1]
+  assert all(g == 1.0 for s, g in zip(student, gates) if s in old)
+  assert any(d.passage in setup.tok.decode(t) for d in setup.chunks[0] for t in teacher)
