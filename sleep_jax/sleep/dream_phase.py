@@ -134,8 +134,8 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
            dream_docs=None, simulated: Optional[dream_sim.Simulated] = None):
   """Dreaming on ``docs`` (dreams written from ``dream_docs``, by default ``docs``); for chunk
   ``t`` (not the generator's training) under a progress bar that moves at each stage of a round,
-  with one point per round on the training curves. ``simulated``: dream simulation's verified trajectories, offered as
-  candidates."""
+  with one point per round on the training curves. ``simulated``: dream simulation's verified
+  trajectories, offered as candidates."""
   dcfg = methods_lib.dreaming_config(ctx.method, ctx.config.dreaming)
   prompts, tau, cand, tau_doc = dream_inputs(st, ctx, docs, dcfg, rng_np, key, dream_docs)
   if simulated is not None and simulated.candidates is not None:
