@@ -26,8 +26,7 @@ from sleep_jax.data import world as world_lib
 from sleep_jax.data import world_encode
 from sleep_jax.model import transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
-from sleep_jax.sleep import cycle, dream_phase
-from sleep_jax.sleep.sleep_state import SleepState
+from sleep_jax.sleep import cycle
 from sleep_jax.tasks import make_setup, models
 
 
@@ -37,15 +36,9 @@ def slept_state(workdir: str, variant: str = "written", method: str = "sleep", s
   c.world_chunks = 1
   setup = make_setup(c, workdir, log=lambda *a: None)
   ctx = cycle.context(c, setup, method, seed)
-  st = SleepState(setup.params, transformer.slot_mask_none(setup.cfg))
-  if dream_phase.uses_generator(ctx.method):
-    st.generator = dream_phase.init_generator(ctx)
   ck = ckpt_lib.Checkpointer(f"{workdir}/runs/{method}/seed_{seed}/ckpt", max_to_keep=2,
                              async_save=False)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          st.arrays())
-  r = ck.restore(abstract)
-  return c, setup, st.restored(r.state, r.position)
+  return c, setup, cycle.restored_state(cycle.fresh_state(ctx), ck)
 
 
 def main(workdir: str) -> None:

@@ -18,13 +18,9 @@ import json
 import os
 import time
 
-import jax
-
 from sleep_jax.configs import knowledge
-from sleep_jax.model import transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.sleep import cycle, dream_phase, run_records
-from sleep_jax.sleep.sleep_state import SleepState
 from sleep_jax.tasks import make_setup
 
 
@@ -55,14 +51,8 @@ def main() -> None:
     raise SystemExit(f"error: the finished run's config differs in {differ}; pass its overrides")
   setup = make_setup(c, args.workdir, log=lambda *a: None)
   ctx = cycle.context(c, setup, args.method, args.seed)
-  st = SleepState(setup.params, transformer.slot_mask_none(setup.cfg))
-  if dream_phase.uses_generator(ctx.method):
-    st.generator = dream_phase.init_generator(ctx)
-  ck = ckpt_lib.Checkpointer(f"{out}/ckpt", max_to_keep=2, async_save=False)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          st.arrays())
-  restored = ck.restore(abstract)
-  st = st.restored(restored.state, restored.position)
+  st = cycle.restored_state(cycle.fresh_state(ctx), ckpt_lib.Checkpointer(
+      f"{out}/ckpt", max_to_keep=2, async_save=False))
   if any(i.get("dreams_accepted", 0) for i in st.info):
     raise SystemExit("error: that sleep accepted dreams; its final state is not its "
                      "consolidation's")

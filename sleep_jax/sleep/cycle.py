@@ -107,17 +107,28 @@ def chunk_scalars(st: SleepState, t: int) -> Dict[str, float]:
   return out
 
 
-def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) -> Dict[str, Any]:
-  s, c = ctx.setup, ctx.config
-  st = SleepState(s.params, transformer.slot_mask_none(s.cfg))
+def fresh_state(ctx: phases.Context) -> SleepState:
+  """A run's state before its first phase: the base model with every slot masked, and the dream
+  generator when the method dreams."""
+  st = SleepState(ctx.setup.params, transformer.slot_mask_none(ctx.setup.cfg))
   if dream_phase.uses_generator(ctx.method):
     st.generator = dream_phase.init_generator(ctx)
-  st = st.committed()  # the same jit cache entries as a restored state's (see ``committed``)
+  return st
+
+
+def restored_state(st: SleepState, ckpt) -> SleepState:
+  """``st`` (a ``fresh_state``: the shapes and shardings) with the newest checkpoint of ``ckpt``
+  read into it."""
+  restored = ckpt.restore(st.arrays())
+  return st.restored(restored.state, restored.position)
+
+
+def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) -> Dict[str, Any]:
+  s, c = ctx.setup, ctx.config
+  # The same jit cache entries as a restored state's (see ``SleepState.committed``).
+  st = fresh_state(ctx).committed()
   if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            st.arrays())
-    restored = ckpt.restore(abstract)
-    st = st.restored(restored.state, restored.position)
+    st = restored_state(st, ckpt)
     log(f"[{ctx.name}/seed {ctx.seed}] resumed at chunk {st.chunk} phase {PHASES[st.phase]}")
     curves.global_step = st.global_step
   else:
