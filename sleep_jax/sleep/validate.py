@@ -135,11 +135,11 @@ def dream_coverage(config, setup, log=print) -> None:
     if method.dreaming is None:
       continue
     dcfg = methods_lib.dreaming_config(method, config.dreaming)
-    reading = [t for t in dcfg.templates.values() if "{context}" in t]
-    if not dcfg.enabled or not reading:
-      continue
+    if not dcfg.enabled or not any("{context}" in t for t in dcfg.templates.values()):
+      continue  # prompts that read no passage are all alike: which ones get a dream is moot
+    # One prompt per (document, template), every template counted: row i reads prompt i mod P.
     prompts = max(len(dream_qa.focused_documents(ch, dcfg.focus)[0]) for ch in setup.chunks)
-    prompts *= len(reading)
+    prompts *= len(dcfg.templates)
     if int(dcfg.m) < prompts:
       log(f"warning: {name}: dreaming.m={dcfg.m} dreams a round for {prompts} dream prompts "
           f"a chunk: prompts {int(dcfg.m) + 1}-{prompts} get no dream; pass "
