@@ -201,6 +201,21 @@ def test_logprobs_in_row_groups_equal_one_pass(setup, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_tau_gradient_rematerialised_past_budget_is_the_same(setup, monkeypatch):
+  """Past ``TAU_BACKWARD_BUDGET`` the backward of g_tau (``grad_align``) recomputes each layer
+  (SmolLM2's 226 tau rows otherwise asked for one 40 GB buffer): the same alignment scores."""
+  params, mask, dreams, task, lora0, _ = setup
+  scores = DT.gradient_scores.__wrapped__  # unjitted: the budget is read at each trace
+  kw = dict(rule="grad_align", lora_scale=SCALE)
+  whole = scores(params, CFG, mask, lora0, dreams, task, **kw)
+  remats, apply = [], T.apply
+  monkeypatch.setattr(T, "apply", lambda *a, **k: remats.append(a[2].remat) or apply(*a, **k))
+  monkeypatch.setattr(DT, "TAU_BACKWARD_BUDGET", 0)
+  remat = scores(params, CFG, mask, lora0, dreams, task, **kw)
+  assert remats.count("full") == 1  # g_tau's pass, not the dreams' own gradients
+  np.testing.assert_allclose(remat, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_trials_scored_on_their_own_passage(setup):
   """``tau_scope="passage"``: each trial is scored on the tau rows of its own group, against the
   base on those rows; an offered candidate (prompt -1) on every row. Reference: the same trial

@@ -118,3 +118,35 @@ def test_progress_in_a_log_file_is_one_line_per_loop():
   lines = out.getvalue().splitlines()
   assert len(lines) == 2 and lines[0].startswith("slow loop: 1/4, ") and "ETA" in lines[0]
   assert lines[0].endswith("stage=scored")
+
+
+def test_tradeoff_sweep_is_one_curve_per_method_labelled_by_its_budget(tmp_path, capsys):
+  """experiments/.../plot_tradeoff.py over driver workdirs (one per sweep point): points of
+  one method form a curve labelled by the budget keys that differ between the workdirs (not by
+  the other keys that differ), seeds of one budget are one point (mean ± sample std), the base
+  is the reference level, and the figure is written."""
+  import importlib.util
+  import json
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "knowledge_incorporation",
+                      "plot_tradeoff.py")
+  spec = importlib.util.spec_from_file_location("plot_tradeoff", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  dirs = []
+  for steps, m in ((30, 6), (60, 20)):
+    d = tmp_path / f"steps{steps}"
+    d.mkdir()
+    sft = {str(s): {"metrics": {"acquisition": steps / 100 + 0.04 * s, "known_facts": 0.5,
+                                "kl_to_base": 0.1}} for s in range(2 if steps == 30 else 1)}
+    res = {"config": {"consolidation": {"steps": steps}, "dreaming": {"m": m}},
+           "methods": {"base": {"seeds": {"0": {"metrics": {"acquisition": 0.0,
+                                                            "known_facts": 1.0}}}},
+                       "sft": {"seeds": sft}}}
+    (d / "results.json").write_text(json.dumps(res))
+    dirs.append(str(d))
+  mod.main(*dirs, str(tmp_path / "t.png"))
+  out = capsys.readouterr().out
+  assert "| sft | consolidation.steps=30 | 2 | 32.0 ± 2.8 | 50.0 ± 0.0 | 0.100 ± 0.000 |" in out
+  assert "| sft | consolidation.steps=60 | 1 | 60.0 | 50.0 | 0.100 |" in out
+  assert "dreaming.m" not in out and "| base |" not in out
+  assert (tmp_path / "t.png").stat().st_size > 0

@@ -4,6 +4,7 @@ and the default task score tau, gradient importance scores, selection, the isola
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -24,6 +25,11 @@ init_adapter = jax.jit(lora_lib.init, static_argnums=(1, 2, 3))
 SCORE_RULES = ("grad_norm", "grad_align", "random")
 SFT_CONTEXTS = ("prompt", "none")
 LOGITS_BUDGET = 2 ** 28  # bytes of (B, T, V) float32 logits one log-prob pass may hold
+# Bytes of the residual stream (L, B, T, d) float32 past which g_tau's backward rematerialises
+# each layer: without it the backward keeps every layer's activations of the whole task batch
+# (SmolLM2, 226 tau rows: one 40 GB buffer); with it, each layer's input, and one layer's
+# activations at a time.
+TAU_BACKWARD_BUDGET = 2 ** 28
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -125,7 +131,8 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
   ``grad_align``: ``<g_i, g_tau> / (||g_i|| ||g_tau||)`` with ``g_tau = grad_phi (-tau)|_{lora0}``
   on ``task_batch``. Norms over every adapter leaf (only the B leaves are non-zero: B = 0).
   ``rule`` is static: ``grad_norm`` never runs the backward pass over the task batch (with
-  in-context task rows of a real model, the largest buffer of the round).
+  in-context task rows of a real model, the largest buffer of the round); past
+  ``TAU_BACKWARD_BUDGET`` that backward rematerialises each layer.
   """
   def grad_one(tokens, valid, cmask):
     return jax.grad(sft_loss, argnums=1)(params, lora0, cfg, slot_mask, tokens[None], valid[None],
@@ -136,7 +143,11 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
   sq = _tree_sq_norm_rows(g)
   if rule == "grad_norm":
     return jnp.sqrt(sq)
-  g_tau = jax.grad(lambda l: -task_score_fn(params, l, cfg, slot_mask, task_batch,
+  B, T = task_batch["tokens"].shape
+  tau_cfg = cfg
+  if cfg.remat == "none" and 4 * cfg.n_layers * B * T * cfg.d_model > TAU_BACKWARD_BUDGET:
+    tau_cfg = dataclasses.replace(cfg, remat="full")
+  g_tau = jax.grad(lambda l: -task_score_fn(params, l, tau_cfg, slot_mask, task_batch,
                                             lora_scale=lora_scale))(lora0)
   tau_sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g_tau))
   return _tree_dot_rows(g, g_tau) / jnp.maximum(jnp.sqrt(sq * tau_sq), 1e-20)
