@@ -5,8 +5,9 @@
 * ``accuracy_over_chunks``: mean closed-book accuracy on the chunks seen so far, with the
   in-context ceiling and the base as labelled dashed lines;
 * ``tradeoff_<probe>``: acquisition (closed-book just slept) against what a method kept of a
-  retention probe (reading skill, old facts, known facts), one point per method and seed, the
-  base and the in-context ceiling as reference lines: does a method learn more and forget less?
+  retention probe (reading skill, old facts, known facts; or its KL to the base, 0 = unchanged),
+  one point per method and seed, the base and the in-context ceiling as reference lines: does a
+  method learn more and forget less?
 * ``accuracy_vs_compute`` (reasoning): held-out accuracy against the learning wall seconds
   spent so far, per method (does one method need more compute to match another?);
 * ``learning_curves``: per method (its first seed), the loss of each sleep's learning phase
@@ -29,7 +30,9 @@ import numpy as np
 
 PROBES = (("in_context_heldout", "reading skill after the stream (%)"),
           ("retention_qa", "old facts kept closed-book (%)"),
-          ("known_facts", "known facts kept (%)"))
+          ("known_facts", "known facts kept (%)"),
+          ("kl_to_base", "KL(base || model) on generic prompts (nats per token)"))
+NOT_PERCENT = ("kl_to_base",)  # probes plotted as they are, from 0 up
 
 
 def _plt():
@@ -104,11 +107,12 @@ def fig_over_chunks(results: Dict):
 
 def fig_tradeoff(results: Dict, key: str, ylabel: str):
   plt = _plt()
+  f = 1.0 if key in NOT_PERCENT else 100.0
   fig, ax = plt.subplots(figsize=(7.0, 4.5))
   markers = "osD^v<>pX*h"
   for k, (name, e) in enumerate(results["methods"].items()):
     pts = [(s["metrics"].get("acquisition"), s["metrics"].get(key)) for s in e["seeds"].values()]
-    pts = [(100 * a, 100 * b) for a, b in pts if a is not None and b is not None]
+    pts = [(100 * a, f * b) for a, b in pts if a is not None and b is not None]
     if pts:
       x, y = zip(*pts)
       ax.scatter(x, y, marker=markers[k % len(markers)], label=name, s=36)
@@ -119,13 +123,16 @@ def fig_tradeoff(results: Dict, key: str, ylabel: str):
   if base_acq is not None:
     ax.axvline(100 * base_acq, ls=":", color="0.5", lw=1, label="base (closed-book)")
   if base_keep is not None:
-    ax.axhline(100 * base_keep, ls="-.", color="0.5", lw=1, label="base's own level")
+    ax.axhline(f * base_keep, ls="-.", color="0.5", lw=1, label="base's own level")
   ax.set_xlabel("acquisition: closed-book just after sleeping (%)")
   ax.set_ylabel(ylabel)
   ax.set_xlim(0, 100)
-  ax.set_ylim(0, 105)
+  if f == 100.0:
+    ax.set_ylim(0, 105)
+  else:
+    ax.set_ylim(bottom=0)
   ax.grid(alpha=0.3)
-  ax.set_title("learning (right) vs forgetting (down)", fontsize=9)
+  ax.set_title(f"learning (right) vs forgetting ({'down' if f == 100.0 else 'up'})", fontsize=9)
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig.tight_layout()
   return fig
