@@ -26,6 +26,8 @@ from typing import Dict, List
 import matplotlib
 import numpy as np
 
+from sleep_jax.sleep import run_records
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -35,16 +37,6 @@ MEASURES = (("in_context_heldout", "reading skill: in-context on new documents",
             ("known_facts", "known facts: general questions the base answered", True),
             ("kl_to_base", "KL(base || model) on generic prompts (nats/token)", False))
 BUDGET_KEYS = ("steps", "lr", "lr_existing")
-
-
-def _flat(d: Dict, prefix: str = "") -> Dict[str, object]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
 
 
 def _sortable(v):
@@ -60,7 +52,7 @@ def _from_workdirs(dirs: List[str]):
       sys.exit(f"plot_tradeoff: {path} does not exist (is {d} a finished driver workdir?)")
     with open(path) as f:
       results.append(json.load(f))
-  flats = [_flat(r["config"]) for r in results]
+  flats = [run_records.flat_config(r["config"]) for r in results]
   varying = sorted(k for k in set().union(*flats) if k.rsplit(".", 1)[-1] in BUDGET_KEYS
                    and len({repr(f.get(k)) for f in flats}) > 1)
   points, base = [], {}

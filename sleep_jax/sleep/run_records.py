@@ -31,11 +31,12 @@ def run_dir(workdir: str, method: str, seed: int) -> str:
   return os.path.join(workdir, "runs", method, f"seed_{seed}")
 
 
-def _flat(d, prefix="") -> Dict[str, object]:
+def flat_config(d, prefix="") -> Dict[str, object]:
+  """{dotted key: value} of a nested config dict (e.g. a ``results.json``'s ``config``)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_config(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -48,7 +49,7 @@ def _relevant(flat: Dict[str, object]) -> Dict[str, object]:
 
 def relevant_config(config) -> Dict[str, object]:
   """The flat {dotted key: value} of every result-relevant key, JSON-normalised."""
-  return _relevant(_flat(json.loads(config.to_json_best_effort())))
+  return _relevant(flat_config(json.loads(config.to_json_best_effort())))
 
 
 def recorded_config(path: str) -> Dict[str, object]:
