@@ -28,11 +28,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from sleep_jax.eval.report import NOT_PERCENT  # metrics shown as they are, not as percent
+
 PROBES = (("in_context_heldout", "reading skill after the stream (%)"),
           ("retention_qa", "old facts kept closed-book (%)"),
           ("known_facts", "known facts kept (%)"),
           ("kl_to_base", "KL(base || model) on generic prompts (nats per token)"))
-NOT_PERCENT = ("kl_to_base",)  # probes plotted as they are, from 0 up
 
 
 def _plt():
