@@ -66,7 +66,8 @@ def _from_workdirs(dirs: List[str]):
         elif method != "in_context" and m.get("acquisition") is not None:
           points.append({**m, "method": method, "order": tuple(map(_sortable, values)),
                          "short": "/".join(map(str, values)),
-                         "label": " ".join(f"{k}={v}" for k, v in zip(varying, values))})
+                         "label": " ".join(f"{k}={v}" for k, v in zip(varying, values))
+                         or "(one budget)"})
   return points, base, " / ".join(varying)
 
 
