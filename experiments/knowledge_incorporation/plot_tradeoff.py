@@ -26,16 +26,18 @@ from typing import Dict, List
 import matplotlib
 import numpy as np
 
+from sleep_jax.eval.report import NOT_PERCENT
 from sleep_jax.sleep import run_records
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (metric, panel title, in percent)
-MEASURES = (("in_context_heldout", "reading skill: in-context on new documents", True),
-            ("retention_qa", "old facts: closed-book on the base's QA population", True),
-            ("known_facts", "known facts: general questions the base answered", True),
-            ("kl_to_base", "KL(base || model) on generic prompts (nats/token)", False))
+# (metric, panel title, in percent): the metrics that are not percentages are report's list
+MEASURES = tuple((k, title, k not in NOT_PERCENT) for k, title in (
+    ("in_context_heldout", "reading skill: in-context on new documents"),
+    ("retention_qa", "old facts: closed-book on the base's QA population"),
+    ("known_facts", "known facts: general questions the base answered"),
+    ("kl_to_base", "KL(base || model) on generic prompts (nats/token)")))
 BUDGET_KEYS = ("steps", "lr", "lr_existing")
 
 
