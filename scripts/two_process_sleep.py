@@ -43,7 +43,7 @@ def main() -> int:
   import tiny_kv as kv
   from sleep_jax.model import transformer
   from sleep_jax.parallel import mesh as mesh_lib
-  from sleep_jax.sleep import consolidation, dream_phase, dreaming
+  from sleep_jax.sleep import consolidation, dream_inputs, dreaming
 
   params = transformer.init(jax.random.key(0), kv.CFG)
   facts = kv.facts(4, seed=3)
@@ -62,7 +62,7 @@ def main() -> int:
     # One dreaming round: sampled dreams, gradient scores, vmapped LoRA trials, ReST-EM.
     dcfg = dreaming.default_config()
     dcfg.update(dict(rounds=1, m=4, k=2, b=1, max_new_tokens=4, inner_steps=1, margin=-1e9))
-    tau = dream_phase.task_batch(student, [[v, kv.EOS] for k, v in facts for q in kv.TRAIN_Q],
+    tau = dream_inputs.task_batch(student, [[v, kv.EOS] for k, v in facts for q in kv.TRAIN_Q],
                                  kv.EOS, 0)
     gen = dreaming.init_generator(jax.random.key(2), kv.CFG, 4, 8.0, ("q", "v"))
     dreams = dreaming.dream(res.params, kv.CFG, res.slot_mask, teacher[:2], tau,

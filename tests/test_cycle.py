@@ -291,6 +291,44 @@ def test_written_regime_gives_no_task_question_and_later_sleeps_replay_the_dream
     phases.replayed_dream_items(None, None, [], "everything")
 
 
+def test_qa_trial_view_reads_a_dream_as_the_item_it_would_become(tmp_path, base_cache):
+  """``trial_view = "qa"``: scoring and the trials read a question dream as its first question
+  that names the passage's entity, asked closed-book, with the greedy answer of the model
+  reading the passage; a dream with no such question gets an empty completion (zero SFT
+  gradient: its trial cannot move tau)."""
+  import numpy as np
+  from sleep_jax.eval import qa as qa_eval
+  from sleep_jax.model import transformer
+  from sleep_jax.sleep import dream_batches, dream_inputs
+  from sleep_jax.sleep.sleep_state import SleepState
+  from sleep_jax.tasks import make_setup
+  c = _config(base_cache)
+  c.dreaming.templates = {"qa": "{context} Write questions about {title}."}
+  c.dreaming.trial_view, c.dreaming.qa_items, c.dreaming.qa_named = "qa", True, True
+  setup = make_setup(c, str(tmp_path / "run"), log=lambda *_: None)
+  ctx = cycle.context(c, setup, "sleep", 0)
+  st = SleepState(setup.params, transformer.slot_mask_none(setup.cfg))
+  docs = setup.chunks[0][:2]
+  dcfg = methods.dreaming_config(ctx.method, c.dreaming)
+  prompts = [setup.fmt.dream_prompt(d.passage, c.dreaming.templates["qa"], d.title)
+             for d in docs]
+  q = f"{docs[0].title} was born in which year?"  # words the world's tokenizer knows
+  texts = [f"Q: {q} A: 1950", f"Q: {q} A: 1950"]
+  dreams = dream_batches.fixed_dreams(prompts, [setup.tok.encode(x) for x in texts],
+                                      setup.tok.pad_id)
+  view = dream_inputs.qa_view(st, ctx, docs, docs, dcfg)(dreams, np.array([0, 1]))
+  toks, valid = np.asarray(view.tokens), np.asarray(view.valid)
+  cm = np.asarray(view.completion_mask)
+  [reader] = qa_eval.greedy_completions(
+      setup.params, setup.cfg, [setup.fmt.with_context(docs[0].passage, q)],
+      max_new_tokens=int(c.eval.max_new_tokens), stop_tokens=setup.fmt.stop_ids,
+      pad_id=setup.tok.pad_id)
+  assert toks[0][valid[0]].tolist() == (setup.fmt.closed_book(q) + list(reader)
+                                        + [setup.fmt.stop_ids[0]])
+  assert toks[0][cm[0]].tolist() == list(reader) + [setup.fmt.stop_ids[0]]
+  assert not cm[1].any()  # dream 1 is about passage 1 but names passage 0's person
+
+
 def test_keyed_slots_through_the_driver(tmp_path, base_cache, monkeypatch):
   """Keyed slots (``model_slot_keys``) through the driver: each sleep keys its new slots on its
   chunk's names, the deep sleep on every name the fast level held; a keyed sleep gets no anchor

@@ -95,7 +95,7 @@ def test_closed_book_view_hides_exactly_the_passage():
   import numpy as np
   import pytest
   from sleep_jax.data import world as world_lib
-  from sleep_jax.sleep import dream_batches, dream_phase
+  from sleep_jax.sleep import dream_batches, dream_inputs
   from sleep_jax.tasks import pretrain
   w = world_lib.World(pretrain.runlocal().world)
   fmt = documents.WorldFormat(w.tokenizer)
@@ -104,13 +104,13 @@ def test_closed_book_view_hides_exactly_the_passage():
   prompts = task_lib.dream_prompts(types.SimpleNamespace(fmt=fmt), docs, templates)
   comps = [w.tokenizer.encode("was born in which year? A: 1950"), w.tokenizer.encode("A: x")]
   dreams = dream_batches.fixed_dreams(prompts, comps, w.tokenizer.pad_id)
-  view = dream_phase.closed_book_view(fmt, docs, templates)(dreams, np.array([0, 1]))
+  view = dream_inputs.closed_book_view(fmt, docs, templates)(dreams, np.array([0, 1]))
   toks, valid = np.asarray(view.tokens), np.asarray(view.valid)
   for r, (d, c) in enumerate(zip(docs, comps)):
     assert toks[r][valid[r]].tolist() == fmt.dream_prompt("", templates["question"], d.title) + c
   assert np.array_equal(np.asarray(view.completion_mask), np.asarray(dreams.completion_mask))
   with pytest.raises(ValueError, match="trial_view='closed_book'"):
-    dream_phase.closed_book_view(fmt, docs, {"continue": "{context}"})
+    dream_inputs.closed_book_view(fmt, docs, {"continue": "{context}"})
 
 
 def test_dreams_as_rows_take_a_prefix_per_row():
@@ -182,3 +182,25 @@ def test_entity_copy_spans_and_query_heads():
   setup.entity_starts = None
   with pytest.raises(ValueError, match="copy_title"):
     task_lib.entity_copy(setup, docs, tpl, True)
+
+
+def test_question_templates_named_pairs_and_qa_trial_rows():
+  """A template opens a question only when it ends in the entity's name (an instruction that
+  names it does not: the dream after it is the model's own text); ``qa_named`` keeps the
+  questions that name the entity in full; a dream's ``qa`` trial row is its question asked
+  closed-book with the reader's answer, and a dream without one gets no completion."""
+  assert task_lib.opens_question("{context} Q: {title}")
+  assert not task_lib.opens_question(knowledge.QA_LAYOUT)
+  assert task_lib.opens_question("{context} Q:", copy_title=True)
+  text = "Q: Who designed the Korrin engine?\nA: Oda Felk\nQ: When was it built?\nA: 1851"
+  assert dream_qa.entity_pairs(text, "Korrin engine", named=True) == [
+      ("Who designed the Korrin engine?", "Oda Felk")]
+  assert len(dream_qa.entity_pairs(text, "Korrin engine", named=False)) == 2
+  assert dream_qa.entity_pairs(text, "Korrin", named=True)  # the whole title, as given
+  assert not dream_qa.entity_pairs(text, "Oda Felk", named=True)
+  tok = ByteTokenizer()
+  fmt = documents.WorldFormat(tok)
+  prompts, comps = dream_qa.trial_rows(
+      fmt, [(PASSAGE, "Who designed the Korrin engine?"), None], [tok.encode("Oda Felk")])
+  assert prompts[0] == fmt.closed_book("Who designed the Korrin engine?")
+  assert comps == [tok.encode("Oda Felk") + [fmt.stop_ids[0]], []]

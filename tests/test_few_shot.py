@@ -10,7 +10,7 @@ from sleep_jax.data import arc, arc_corpus
 from sleep_jax import tasks
 from sleep_jax.eval import answers
 from sleep_jax.model import transformer as T
-from sleep_jax.sleep import cycle, dream_phase, methods
+from sleep_jax.sleep import cycle, dream_inputs, methods
 from sleep_jax.sleep.sleep_state import SleepState
 from sleep_jax.tasks import arc as arc_task, models
 
@@ -117,7 +117,7 @@ def test_tau_gold_uses_the_gold_answers(base_cache, setup, tmp_path):
   dcfg = methods.dreaming_config(ctx.method, c.dreaming)
   mask = T.slot_mask_none(setup.cfg)
   st = SleepState(setup.params, mask)
-  _, task, cand, _ = dream_phase.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
+  _, task, cand, _ = dream_inputs.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
   toks, cm = np.asarray(task["tokens"]), np.asarray(task["completion_mask"])
   gold = [setup.tok.encode(q.answer) + [setup.tok.eos_id] for d in docs for q in d.train_questions]
   assert [t[m].tolist() for t, m in zip(toks, cm)] == gold
@@ -125,7 +125,7 @@ def test_tau_gold_uses_the_gold_answers(base_cache, setup, tmp_path):
   dcfg.tau_target = "self"  # the in-context model's own (greedy) answers instead
   _, comps, _ = answers.answer(setup, setup.params, mask, docs, c.eval, in_context=True,
                                train=True)
-  _, task_self, _, _ = dream_phase.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
+  _, task_self, _, _ = dream_inputs.dream_inputs(st, ctx, docs, dcfg, np.random.default_rng(0))
   toks, cm = np.asarray(task_self["tokens"]), np.asarray(task_self["completion_mask"])
   assert [t[m].tolist() for t, m in zip(toks, cm)] == [list(x) + [setup.tok.eos_id] for x in comps]
 

@@ -21,9 +21,7 @@ from sleep_jax.model import sampler
 from sleep_jax.sleep import dream_batches, dream_qa
 from sleep_jax.tasks import models
 
-QA_LAYOUT = ("{context}\n\nWrite three questions about {title} that this text answers. Write "
-             "each as \"Q: <question>\" on one line and \"A: <short answer from the text>\" on "
-             "the next.")
+QA_LAYOUT = knowledge.QA_LAYOUT  # asks for the "Q: ... / A: ..." layout about {title}
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
 * ``smollm2_gpu`` the same at GPU/TPU size (every method, 3 seeds);
 * ``smollm2_docs`` SmolLM2 on the project's fictional-documents set (20 passages, every main
                method, CPU-sized); ``smollm2_docs_gpu``: all 48 passages, 3 seeds, GPU-sized;
+               ``smollm2_docs_written``: the same 20 passages with none of the task's questions
+               given to any method (Sleep's study questions are its dreams), keyed slots;
 * ``test``     seconds-long, for the unit tests.
 """
 
@@ -53,6 +55,7 @@ HELP = {
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
     "smollm2_docs_gpu": "the same on all 48 passages, 3 seeds, GPU-sized",
+    "smollm2_docs_written": "smollm2_docs with no task questions: dreams are the study questions",
     "test": "seconds-long, for the unit tests",
 }
 MAIN_METHODS = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
@@ -67,6 +70,35 @@ def _base_recipe(recipe: pretrain.PretrainConfig) -> ml_collections.ConfigDict:
 
 def _optimizer(lr: float) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name="adam", lr=lr, b1=0.9, b2=0.95, grad_clip=1.0))
+
+
+# SmolLM2's dream template (experiments/knowledge_incorporation/probe_dream_quality.py).
+QA_LAYOUT = ("{context}\n\nWrite three questions about {title} that this text answers. Write "
+             "each as \"Q: <question>\" on one line and \"A: <short answer from the text>\" on "
+             "the next.")
+
+
+def _docs_written(c: ml_collections.ConfigDict) -> None:
+  """``smollm2_docs`` with none of the task's questions given to any method, as the world's
+  ``written``: consolidation distils one item per passage ("Tell me about <title>.", answered
+  by the model reading it) plus the questions of Sleep's accepted dreams. A dream is written
+  from the passage with one of its sentences read again (``focus``: the 135M writer's answers
+  then contain 36% of the passages' facts against 26%), asks questions in the Q:/A: layout at
+  T 0.7; only questions that name the passage's entity count (the slots are keyed on it); a
+  trial trains on the item the dream would become (``trial_view = "qa"``) and is judged on its
+  passage's written questions (tau). Keyed slots; 240 steps x 8, as the 240-step run."""
+  c.methods = ("base", "in_context", "sft", "sleep_no_dream", "sleep", "sft_selfgen")
+  c.model_slot_keys, c.model_slot_key_len = 40, 8
+  k = c.consolidation
+  k.steps = c.sft.steps = 240
+  k.prompt_template, k.ce_weight = "{context}\n\nTell me about {title}.", 0.0
+  d = c.dreaming
+  d.templates, d.temperature, d.max_new_tokens, d.focus = {"qa": QA_LAYOUT}, 0.7, 80, "sentences"
+  d.stage, d.tau_target, d.trial_view, d.qa_items, d.qa_named = "before", "written", "qa", True, True
+  d.sft_context, d.tau_scope, d.tau_samples = "prompt", "passage", 2
+  # 2 dreams per (passage, sentence) prompt, 48 of them tried (each trial: 2 steps on one item,
+  # then tau of its passage)
+  d.m, d.k, d.b = 128, 40, 8
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -250,7 +282,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slot_keys, c.model_slot_key_len = 24, 2
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title = True
-  elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu"):
+  elif variant in ("smollm2", "smollm2_gpu", "smollm2_docs", "smollm2_docs_gpu",
+                   "smollm2_docs_written"):
     # The same driver on the real SmolLM2-135M-Instruct (``python -m sleep_jax.model.fetch``),
     # reading fictional biographies from the world (or the user's documents with
     # --config.data.source=jsonl --config.data.documents=FILE) through its chat template.
@@ -333,6 +366,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         k.steps = c.sft.steps = 300  # ~ 30 exposures per wake question
         k.batch_size = c.sft.batch_size = 32
         c.dreaming.m = 48  # two dreams per passage a round
+      if variant == "smollm2_docs_written":
+        _docs_written(c)
   elif variant == "test":
     c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     c.base = _base_recipe(pretrain.runlocal())

@@ -222,7 +222,9 @@ class ChatFormat:
     return self.tok.encode(passage) + [self.tok.eos_id]
 
   def dream_prompt(self, passage: str, template: str = "{context}", title: str = "") -> List[int]:
-    return self._chat(template.format(context=passage, title=title))
+    # Without the passage ("{context}\n\nTell me about {title}." for the student) the turn
+    # starts at the instruction, not at blank lines.
+    return self._chat(template.format(context=passage, title=title).strip())
 
   def prompt(self, text: str) -> List[int]:
     """A user turn as it is, without the short-answer instruction (the KL probe's prompts)."""

@@ -133,6 +133,31 @@ def decoy_questions(triples: Sequence[Tuple[str, str, str]], docs, rng: np.rando
   return out
 
 
+def entity_pairs(text: str, title: str, named: bool) -> List[Tuple[str, str]]:
+  """``parse_qa_pairs(text)``; with ``named`` only the pairs whose question names ``title`` in
+  full (a keyed slot opens on the whole name only: a question that does not name it cannot
+  reach the slot)."""
+  pairs = parse_qa_pairs(text)
+  return [(q, a) for q, a in pairs if title and title in q] if named else pairs
+
+
+def trial_rows(fmt, items: Sequence, answers: Sequence[Sequence[int]]):
+  """(prompts, completions) of ``trial_view = "qa"``: a dream's trial row is the item it would
+  be consolidated as, its question asked closed-book (``fmt.closed_book``) with the answer of
+  the model reading the passage (``answers``, one per item that is not None, stop token
+  dropped). A dream with no usable question (item None) gets an empty completion: its SFT
+  gradient is zero, so its trial cannot change tau and is never accepted."""
+  prompts, completions, it = [], [], iter(answers)
+  for item in items:
+    if item is None:
+      prompts.append(fmt.closed_book(""))
+      completions.append([])
+    else:
+      prompts.append(fmt.closed_book(item[1]))
+      completions.append(list(next(it)) + [fmt.stop_ids[0]])
+  return prompts, completions
+
+
 def qa_items(fmt, pairs_with_passages: Sequence[Tuple[str, str, str]]):
   """(teacher prompts, student prompts) for (passage, question, answer) triples: the teacher
   reads the passage, the student is asked closed-book."""

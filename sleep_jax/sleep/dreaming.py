@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (question, answer) pairs parsed from the accepted dreams, each question answered by the
   # model reading the passage, instead of the raw dream text.
   c.qa_items = False
+  # Only the pairs whose question names the passage's entity (``Document.title``) in full: a
+  # keyed slot (model/slot_keys.py) opens on the whole name, so no other question can reach it.
+  c.qa_named = False
   # Sleep's student prompt for an accepted dream: "bos" (writes it from nothing) or "template"
   # (the dream's template without the passage, e.g. "Q: {title}": the query format).
   c.student_prompt = "bos"
@@ -87,7 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft_context = "prompt"
   # How scoring and the trials read a dream: "as_written" (with its prompt, the passage) or
   # "closed_book" (the passage hidden: bos + the template's question opening + the dream, the
-  # format it is consolidated and asked in; needs a ``{title}`` template, world documents).
+  # format it is consolidated and asked in; needs a ``{title}`` template, world documents);
+  # "qa" (question-writing templates: the dream's first question asked closed-book with the
+  # answer of the model reading the passage, the item it would be consolidated as).
   c.trial_view = "as_written"
   # Isolated trials (step 4): one fresh LoRA per round, copied per kept dream.
   c.lora = ml_collections.ConfigDict()

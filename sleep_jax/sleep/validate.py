@@ -22,7 +22,7 @@ CHOICES = {"eval.metric": ("em", "contains", "checked"), "eval.rows": ("all", "l
            "consolidation.anchor_people": ("qa", "everyone"),
            "dreaming.stage": ("after", "before"), "dreaming.tau_scope": ("all", "passage"),
            "dreaming.tau_target": ("self", "gold", "written"),
-           "dreaming.trial_view": ("as_written", "closed_book"),
+           "dreaming.trial_view": ("as_written", "closed_book", "qa"),
            "dreaming.focus": ("passage", "sentences")}
 
 

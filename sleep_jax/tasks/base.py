@@ -126,8 +126,10 @@ def dream_heads(fmt, docs: Sequence[documents.Document], templates,
 
 def opens_question(template: str, copy_title: bool = False) -> bool:
   """Whether a dream template ends in the opening of a question about the document's entity:
-  it names it (``{title}``) or the sampler copies it in (``dreaming.copy_title``)."""
-  return "{title}" in template or copy_title
+  it ends in its name (``"... Q: {title}"``) or the sampler copies it in
+  (``dreaming.copy_title``). A template that names the entity inside an instruction (``"Write
+  questions about {title} ..."``) does not: the dream after it is the model's own text."""
+  return template.rstrip().endswith("{title}") or copy_title
 
 
 def entity_copy(setup: Setup, docs: Sequence[documents.Document], templates, on: bool):
