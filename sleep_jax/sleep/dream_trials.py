@@ -25,11 +25,11 @@ init_adapter = jax.jit(lora_lib.init, static_argnums=(1, 2, 3))
 SCORE_RULES = ("grad_norm", "grad_align", "random")
 SFT_CONTEXTS = ("prompt", "none")
 LOGITS_BUDGET = 2 ** 28  # bytes of (B, T, V) float32 logits one log-prob pass may hold
-# Bytes of the residual stream (L, B, T, d) float32 past which g_tau's backward rematerialises
-# each layer: without it the backward keeps every layer's activations of the whole task batch
-# (SmolLM2, 226 tau rows: one 40 GB buffer); with it, each layer's input, and one layer's
-# activations at a time.
-TAU_BACKWARD_BUDGET = 2 ** 28
+# Bytes of the residual stream (L, B, T, d) float32 past which a whole-batch backward (g_tau;
+# ReST-EM's M-step) rematerialises each layer: without it the backward keeps every layer's
+# activations of the whole batch (SmolLM2, 226 tau rows: one 40 GB buffer; 48 kept dreams of
+# 380 tokens: 26 GB); with it, each layer's input, and one layer's activations at a time.
+BACKWARD_BUDGET = 2 ** 28
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -132,7 +132,7 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
   on ``task_batch``. Norms over every adapter leaf (only the B leaves are non-zero: B = 0).
   ``rule`` is static: ``grad_norm`` never runs the backward pass over the task batch (with
   in-context task rows of a real model, the largest buffer of the round); past
-  ``TAU_BACKWARD_BUDGET`` that backward rematerialises each layer.
+  ``BACKWARD_BUDGET`` that backward rematerialises each layer.
   """
   def grad_one(tokens, valid, cmask):
     return jax.grad(sft_loss, argnums=1)(params, lora0, cfg, slot_mask, tokens[None], valid[None],
@@ -143,14 +143,19 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
   sq = _tree_sq_norm_rows(g)
   if rule == "grad_norm":
     return jnp.sqrt(sq)
-  B, T = task_batch["tokens"].shape
-  tau_cfg = cfg
-  if cfg.remat == "none" and 4 * cfg.n_layers * B * T * cfg.d_model > TAU_BACKWARD_BUDGET:
-    tau_cfg = dataclasses.replace(cfg, remat="full")
+  tau_cfg = _backward_cfg(cfg, *task_batch["tokens"].shape)
   g_tau = jax.grad(lambda l: -task_score_fn(params, l, tau_cfg, slot_mask, task_batch,
                                             lora_scale=lora_scale))(lora0)
   tau_sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g_tau))
   return _tree_dot_rows(g, g_tau) / jnp.maximum(jnp.sqrt(sq * tau_sq), 1e-20)
+
+
+def _backward_cfg(cfg: ModelConfig, B: int, T: int) -> ModelConfig:
+  """``cfg`` with every layer rematerialised when a backward over a (B, T) batch would keep
+  more than ``BACKWARD_BUDGET`` bytes of residual stream (the same function, less memory)."""
+  if cfg.remat == "none" and 4 * cfg.n_layers * B * T * cfg.d_model > BACKWARD_BUDGET:
+    return dataclasses.replace(cfg, remat="full")
+  return cfg
 
 
 def score_dreams(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, rng, *,
@@ -340,12 +345,14 @@ def rest_em_round(params, cfg: ModelConfig, slot_mask, gen_lora, opt_state, drea
 
   i.e. SFT on (prompt -> dream) pairs with reward 1 only. With ``sum_i r_i = 0`` the function
   returns ``gen_lora`` and ``opt_state`` unchanged (bit-identical: a ``lax.cond`` skips the
-  update, so stale Adam moments cannot move psi either).
+  update, so stale Adam moments cannot move psi either). Past ``BACKWARD_BUDGET`` the backward
+  rematerialises each layer.
 
   Returns ``(gen_lora, opt_state, metrics)``; metrics: ``rest_em_loss_before/after`` (the loss
   above; 0 when nothing is rewarded) and ``rest_em_n`` (rewarded dreams).
   """
   opt = make_optimizer(optimizer, lr)
+  cfg = _backward_cfg(cfg, *dreams.tokens.shape)
 
   def loss(l):
     lp = sequence_logprobs(params, l, cfg, slot_mask, dreams.tokens, dreams.valid,

@@ -44,6 +44,7 @@ from sleep_jax.model import transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.sleep.dream_batches import (DEFAULT_TEMPLATES, Dreams, as_dreams, concat_dreams,
                                            prompt_batch, sample_dreams, take)
+from sleep_jax.sleep import dream_trials
 from sleep_jax.sleep.dream_trials import (SCORE_RULES, Generator, init_adapter, init_generator,
                                           rest_em_round, run_trials, score_dreams, select,
                                           task_log_likelihood)
@@ -255,8 +256,9 @@ class Dreamer:
     done("tried", trials.rewards)
     g = self.generator
     sampled = jnp.asarray(np.asarray(idx) < c.m)  # candidates are not the generator's own words
+    learn, weights = m_step_rows(kept, trials.rewards * sampled, cfg)
     new_lora, new_state, rm = rest_em_round(
-        self.params, cfg, self.slot_mask, g.lora, g.opt_state, kept, trials.rewards * sampled,
+        self.params, cfg, self.slot_mask, g.lora, g.opt_state, learn, weights,
         steps=c.rest_em.steps, lr=c.rest_em.lr, lora_scale=g.scale, optimizer=c.rest_em.optimizer)
     self.generator = Generator(done("generator", new_lora), new_state, g.scale)
     rewards = np.asarray(trials.rewards)
@@ -304,6 +306,19 @@ class Dreamer:
         on_round(rnd, {k: v for k, v in m.items() if isinstance(v, (int, float))})
     return DreamResult(**{k: np.concatenate(v) for k, v in acc.items()}, metrics=metrics,
                        generator=self.generator, written=written)
+
+
+def m_step_rows(kept: Dreams, rewards, cfg: ModelConfig) -> Tuple[Dreams, jax.Array]:
+  """(dreams, rewards) ReST-EM's M-step runs on: the kept dreams as they are; past
+  ``dream_trials.BACKWARD_BUDGET`` (48 kept SmolLM2 dreams of 380 tokens: minutes of work for
+  rows that weigh 0) only the rewarded ones (at least one row, so the step keeps its shape
+  when none is), the same loss."""
+  B, T = kept.tokens.shape
+  if 4 * cfg.n_layers * B * T * cfg.d_model <= dream_trials.BACKWARD_BUDGET:
+    return kept, rewards
+  on = np.flatnonzero(np.asarray(rewards) > 0)
+  on = on if on.size else np.zeros(1, np.int64)
+  return take(kept, on), jnp.asarray(rewards)[on]
 
 
 def passage_masks(task_batch, row_group, prompt_group, dream_prompt) -> Dict[str, jax.Array]:
