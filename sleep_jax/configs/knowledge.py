@@ -95,7 +95,8 @@ def _docs_written(c: ml_collections.ConfigDict) -> None:
   k.prompt_template, k.ce_weight = "{context}\n\nTell me about {title}.", 0.0
   d = c.dreaming
   d.templates, d.temperature, d.max_new_tokens, d.focus = {"qa": QA_LAYOUT}, 0.7, 80, "sentences"
-  d.stage, d.tau_target, d.trial_view, d.qa_items, d.qa_named = "before", "written", "qa", True, True
+  d.stage, d.tau_target, d.trial_view = "before", "written", "qa"
+  d.qa_items, d.qa_named = True, True
   d.sft_context, d.tau_scope, d.tau_samples = "prompt", "passage", 2
   # 2 dreams per (passage, sentence) prompt, 48 of them tried (each trial: 2 steps on one item,
   # then tau of its passage)
