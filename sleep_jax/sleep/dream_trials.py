@@ -150,10 +150,16 @@ def gradient_scores(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, 
   return _tree_dot_rows(g, g_tau) / jnp.maximum(jnp.sqrt(sq * tau_sq), 1e-20)
 
 
+def past_backward_budget(cfg: ModelConfig, B: int, T: int) -> bool:
+  """Whether a backward over a (B, T) batch keeps more than ``BACKWARD_BUDGET`` bytes of
+  residual stream, (L, B, T, d) float32."""
+  return 4 * cfg.n_layers * B * T * cfg.d_model > BACKWARD_BUDGET
+
+
 def _backward_cfg(cfg: ModelConfig, B: int, T: int) -> ModelConfig:
-  """``cfg`` with every layer rematerialised when a backward over a (B, T) batch would keep
-  more than ``BACKWARD_BUDGET`` bytes of residual stream (the same function, less memory)."""
-  if cfg.remat == "none" and 4 * cfg.n_layers * B * T * cfg.d_model > BACKWARD_BUDGET:
+  """``cfg`` with every layer rematerialised past the budget (the same function, less
+  memory)."""
+  if cfg.remat == "none" and past_backward_budget(cfg, B, T):
     return dataclasses.replace(cfg, remat="full")
   return cfg
 

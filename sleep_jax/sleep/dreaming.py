@@ -313,8 +313,7 @@ def m_step_rows(kept: Dreams, rewards, cfg: ModelConfig) -> Tuple[Dreams, jax.Ar
   ``dream_trials.BACKWARD_BUDGET`` (48 kept SmolLM2 dreams of 380 tokens: minutes of work for
   rows that weigh 0) only the rewarded ones (at least one row, so the step keeps its shape
   when none is), the same loss."""
-  B, T = kept.tokens.shape
-  if 4 * cfg.n_layers * B * T * cfg.d_model <= dream_trials.BACKWARD_BUDGET:
+  if not dream_trials.past_backward_budget(cfg, *kept.tokens.shape):
     return kept, rewards
   on = np.flatnonzero(np.asarray(rewards) > 0)
   on = on if on.size else np.zeros(1, np.int64)
