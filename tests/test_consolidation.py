@@ -212,6 +212,8 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
     pad = jnp.zeros((B, Ps - 1, kv.CFG.vocab_size), jnp.float32)
     whole[f"{side}_teacher_logits"] = jnp.concatenate([pad, batch[f"{side}_teacher_logits"]], 1)
 
+  # Jitted: run eagerly, the first parametrisation compiled every primitive op by op (~30 s).
+  @jax.jit
   def loss(b):
     return jax.value_and_grad(lambda p: knowledge_seeding_loss(
         p, b, None, cfg=kv.CFG, alpha=alpha, lam=lam, divergence="fkl", divergence_kwargs={},
@@ -222,9 +224,11 @@ def test_ks_loss_on_the_completion_window_equals_the_whole_sequence(base, alpha,
   # The cross-entropy term on supported answers adds beta x the answer tokens' mean NLL.
   gold = {"gold_tokens": batch["off_tokens"], "gold_valid": batch["off_valid"],
           "gold_answer_mask": live}
-  with_ce, m = knowledge_seeding_loss(base, {**batch, **gold}, None, cfg=kv.CFG, alpha=alpha,
-                                      lam=lam, divergence="fkl", temperature=1.0, ce_weight=0.5)
-  logits, _ = T.apply(base, gold["gold_tokens"], kv.CFG, valid=gold["gold_valid"])
+  with_ce, m = jax.jit(lambda b: knowledge_seeding_loss(
+      base, b, None, cfg=kv.CFG, alpha=alpha, lam=lam, divergence="fkl", temperature=1.0,
+      ce_weight=0.5))({**batch, **gold})
+  logits, _ = jax.jit(lambda t, v: T.apply(base, t, kv.CFG, valid=v))(gold["gold_tokens"],
+                                                                      gold["gold_valid"])
   lp = np.asarray(jax.nn.log_softmax(logits, -1))
   toks, cm = np.asarray(gold["gold_tokens"]), np.asarray(batch["off_completion_mask"])
   nll = [-lp[b, t - 1, toks[b, t]] for b in range(B) for t in range(1, toks.shape[1]) if cm[b, t]]
