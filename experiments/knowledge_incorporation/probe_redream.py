@@ -24,16 +24,12 @@ from sleep_jax.sleep import cycle, dream_phase, run_records
 from sleep_jax.tasks import make_setup
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("workdir")
-  ap.add_argument("--variant", default="smollm2_docs")
-  ap.add_argument("--method", default="sleep")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  args = ap.parse_args()
-  c = knowledge.get_config(args.variant)
-  for item in args.set:
+def finished_run(workdir: str, variant: str, method: str, seed: int, sets, free: str = ""):
+  """(config, setup, context, the base's state, the run's final state) of a finished run.
+  ``sets``: the run's own overrides as KEY=VALUE; every recorded key that does not start with
+  ``free`` must match them."""
+  c = knowledge.get_config(variant)
+  for item in sets:
     key, _, value = item.partition("=")
     *parents, last = key.split(".")
     node = c
@@ -43,16 +39,30 @@ def main() -> None:
       node[last] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       node[last] = value  # a string
-  out = run_records.run_dir(args.workdir, args.method, args.seed)
+  out = run_records.run_dir(workdir, method, seed)
   recorded = run_records.recorded_config(os.path.join(out, run_records.CONFIG_FILE))
   differ = [k for k in run_records.differing_keys(recorded, run_records.relevant_config(c))
-            if not k.startswith("dreaming.")]
+            if not (free and k.startswith(free))]
   if differ:
     raise SystemExit(f"error: the finished run's config differs in {differ}; pass its overrides")
-  setup = make_setup(c, args.workdir, log=lambda *a: None)
-  ctx = cycle.context(c, setup, args.method, args.seed)
-  st = cycle.restored_state(cycle.fresh_state(ctx), ckpt_lib.Checkpointer(
-      f"{out}/ckpt", max_to_keep=2, async_save=False))
+  setup = make_setup(c, workdir, log=lambda *a: None)
+  ctx = cycle.context(c, setup, method, seed)
+  base = cycle.fresh_state(ctx)
+  st = cycle.restored_state(base, ckpt_lib.Checkpointer(f"{out}/ckpt", max_to_keep=2,
+                                                         async_save=False))
+  return c, setup, ctx, base, st
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("workdir")
+  ap.add_argument("--variant", default="smollm2_docs")
+  ap.add_argument("--method", default="sleep")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  args = ap.parse_args()
+  _, _, ctx, _, st = finished_run(args.workdir, args.variant, args.method, args.seed, args.set,
+                                  free="dreaming.")
   if any(i.get("dreams_accepted", 0) for i in st.info):
     raise SystemExit("error: that sleep accepted dreams; its final state is not its "
                      "consolidation's")
