@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher_samples = 4  # samples per prompt in the teacher dataset D
   c.max_new_tokens = 16
   c.sample_temperature = 1.0
+  # Top-k of every consolidation sample, the teacher dataset's and the student's (0: the full
+  # distribution; 1 with teacher_samples 1: one greedy teacher answer per item, which
+  # SmolLM2's slot stores better than four samples at T 1, README_smollm2.md)
   c.sample_top_k = 0
   # Replay: earlier chunks' documents (fast consolidation) or episodic-memory items (deep sleep)
   # mixed into each sleep, this fraction of the new ones.
