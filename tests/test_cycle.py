@@ -212,7 +212,7 @@ def _written_config(base_cache, chunks=1):
   """The test config with ``knowledge.py:written``'s consolidation items and dreaming."""
   c = _config(base_cache, methods=("sleep",))
   w = knowledge.get_config("written")
-  c.consolidation.prompt_template = w.consolidation.prompt_template
+  c.consolidation.prompt_templates = w.consolidation.prompt_templates
   c.consolidation.ce_weight = 0.0
   for key in ("templates", "stage", "tau_target", "tau_scope", "trial_view", "qa_items",
               "sft_context"):

@@ -87,6 +87,26 @@ def test_title_templates_and_query_format_student_prompts():
   assert student[1] == fmt.bos() and student[2] == fmt.bos()  # "{context}" alone: bos
 
 
+def test_consolidation_template_items_one_per_template_and_document():
+  """Several consolidation templates (rewrites of each passage): one item per (template,
+  document); the teacher's prompt holds the passage and the student's does not."""
+  tok = ByteTokenizer()
+  fmt = documents.WorldFormat(tok)
+  docs = [documents.Document("k", PASSAGE, (), (), title="Korrin engine"),
+          documents.Document("v", "Velmora is a town.", (), (), title="Velmora")]
+  setup = types.SimpleNamespace(fmt=fmt)
+  tpls = ("{context} Rewrite this text about {title}.", "{context} List the facts about {title}.")
+  teacher, student = task_lib.template_items(setup, docs, tpls)
+  assert len(teacher) == len(student) == 4
+  text = [tok.decode(t) for t in teacher]
+  assert PASSAGE in text[0] and text[3].endswith("List the facts about Velmora.")
+  assert [tok.decode(s).strip() for s in student] == [
+      "Rewrite this text about Korrin engine.", "Rewrite this text about Velmora.",
+      "List the facts about Korrin engine.", "List the facts about Velmora."]
+  assert task_lib.template_items(setup, docs, tpls[0]) == tuple(
+      x[:2] for x in (teacher, student))
+
+
 def test_closed_book_view_hides_exactly_the_passage():
   """Dreams from a ``{title}`` template are tried closed-book: of the prompt only bos and the
   template's question opening stay visible, so with positions counted over visible tokens the

@@ -1,8 +1,9 @@
 """Stored, or stored and extractable? For a finished SmolLM2 documents run: the slept model is
-asked, closed-book, the consolidation's own prompt (``consolidation.prompt_template``: "Tell me
-about <title>."), and each eval question counts as *stored* when its gold answer is in that
-description; the eval score (the question asked directly) is the *extracted* share. The base model's descriptions and the
-in-context teacher's (the passage in the prompt) are the floor and the ceiling.
+asked, closed-book, the consolidation's own prompts (``consolidation.prompt_templates``: "Tell
+me about <title>.", ...), and each eval question counts as *stored* when its gold answer is in
+one of those descriptions; the eval score (the question asked directly) is the *extracted*
+share. The base model's descriptions and the in-context teacher's (the passage in the prompt)
+are the floor and the ceiling.
 
     python experiments/knowledge_incorporation/probe_storage.py WORKDIR \\
       --variant smollm2_docs_written --method sleep_no_dream [--set KEY=VALUE ...]
@@ -51,8 +52,9 @@ def main() -> None:
   rows = {}
   for name, state, reading in (("base", base, False), ("in-context teacher", base, True),
                                (f"{args.method} (slept)", st, False)):
-    texts = describe(setup, state.params, state.slot_mask, docs,
-                     c.consolidation.prompt_template, args.new_tokens, reading)
+    per_template = [describe(setup, state.params, state.slot_mask, docs, tpl, args.new_tokens,
+                             reading) for tpl in c.consolidation.prompt_templates]
+    texts = ["\n".join(ts) for ts in zip(*per_template)]
     _, _, sc = answers.answer(setup, state.params, state.slot_mask, docs, c.eval,
                               in_context=reading)
     rows[name] = {"stored": round(100 * stored_share(docs, texts), 1),

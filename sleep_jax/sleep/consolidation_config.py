@@ -69,8 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Where the gate term acts: "answer" (the positions that predict an answer) or "anchor_all"
   # (also every position of an anchor item: shut over the whole unrelated input).
   c.gate_positions = "answer"
-  # "" = the items are the task's wake questions; a dream-style template (``"{context} Q:
-  # {title}"``) = one item per document and none of the task's questions (the teacher writes
-  # its own question about the document's entity; ``tasks.base.template_items``).
-  c.prompt_template = ""
+  # () = the items are the task's wake questions; dream-style templates (``"{context} Q:
+  # {title}"``) = one item per (template, document) and none of the task's questions (the
+  # teacher writes its own question and answer, or rewrite, about the document's entity;
+  # ``tasks.base.template_items``).
+  c.prompt_templates = ()
   return c

@@ -69,9 +69,9 @@ def wake(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   """The chunk arrives: its passages and questions go to the episodic memory; the model answers
   with the passage in context (the in-context score)."""
   docs = ctx.setup.chunks[t]
-  # With ``consolidation.prompt_template`` no method gets the task's questions: the memory
+  # With ``consolidation.prompt_templates`` no method gets the task's questions: the memory
   # keeps the passages only (a sleep adds its accepted dreams' questions to them).
-  asked = not ctx.config.consolidation.get("prompt_template", "")
+  asked = not ctx.config.consolidation.get("prompt_templates", ())
   st.memory.add([Episode(id=d.id, context=d.passage, cycle=t,
                          prompts=[q.q for q in d.train_questions] if asked else [])
                  for d in docs])
@@ -141,8 +141,8 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
   """Knowledge Seeding from the model that sees the passage into a new slot of CMS level 0 (the
   SFT baselines fine-tune here instead).
 
-  The items are the task's wake questions, or with ``consolidation.prompt_template`` one item
-  per document in that template (the task's questions go to no method), plus ``extra``
+  The items are the task's wake questions, or with ``consolidation.prompt_templates`` one item
+  per document and template (the task's questions go to no method), plus ``extra``
   (teacher prompts, student prompts): questions the model wrote about the passages
   (``dream_phase.consolidate``), with no supported answer given. Replayed documents of earlier
   chunks bring their own items or their stored dream questions (``consolidation.replay_items``).
@@ -174,9 +174,9 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
                              np.random.default_rng([ctx.seed, t])) + list(anchors))
   if mode in ("dreams_kept", "passages_kept"):  # kept as the model woke up, new slot shut
     anchors, old_teacher, old_student = anchors + old_student, [], []
-  template = str(kcfg.get("prompt_template", ""))
-  if template:
-    teacher, student = task_lib.template_items(ctx.setup, docs, template)
+  templates = tuple(kcfg.get("prompt_templates", ()))
+  if templates:
+    teacher, student = task_lib.template_items(ctx.setup, docs, templates)
     golds = [[]] * len(student)
   else:
     teacher, student = (task_lib.teacher_prompts(ctx.setup, docs),

@@ -105,13 +105,16 @@ def gold_answers(setup: Setup, docs: Sequence[documents.Document]) -> List[List[
   return [setup.fmt.answer(q.answer) for d in docs for q in d.train_questions]
 
 
-def template_items(setup: Setup, docs: Sequence[documents.Document], template: str) -> tuple:
-  """(teacher prompts, student prompts), one item per document, for a consolidation that sees
-  none of the task's questions: the teacher reads ``template`` with the passage (e.g.
-  ``"{context} Q: {title}"``) and writes its own question and answer about the document's
-  entity; the student reads the template without the passage (``"Q: <title>"``)."""
-  return ([setup.fmt.dream_prompt(d.passage, template, d.title) for d in docs],
-          [setup.fmt.dream_prompt("", template, d.title) for d in docs])
+def template_items(setup: Setup, docs: Sequence[documents.Document], templates) -> tuple:
+  """(teacher prompts, student prompts), one item per (template, document), for a consolidation
+  that sees none of the task's questions: the teacher reads a template with the passage (e.g.
+  ``"{context} Q: {title}"``, or ``"{context}\n\nRewrite this text about {title} ..."``) and
+  writes its own question and answer, or its own rewrite, about the document's entity; the
+  student reads the template without the passage (``"Q: <title>"``). ``templates``: one
+  template or several (several rewrites of each passage: diverse material about each fact)."""
+  templates = (templates,) if isinstance(templates, str) else tuple(templates)
+  return ([setup.fmt.dream_prompt(d.passage, t, d.title) for t in templates for d in docs],
+          [setup.fmt.dream_prompt("", t, d.title) for t in templates for d in docs])
 
 
 def dream_heads(fmt, docs: Sequence[documents.Document], templates,
