@@ -15,6 +15,10 @@ sentence); the questions that name the passage's entity are answered by the mode
 passage (the dream's own answer is never used), and the table gives the share of the
 passages' facts those answers contain (measurement only: the facts are the task's questions'
 answers, which no method is given).
+
+``--items``: what the passage's own consolidation items carry (``consolidation.prompt_templates``:
+"Tell me about <title>." and ``knowledge.REWRITES``): the greedy answer of the model reading
+the passage to each template, 64 and 128 tokens, and the share of the passages' facts in it.
 """
 
 import argparse
@@ -42,6 +46,7 @@ def main() -> None:
   ap.add_argument("--samples", type=int, default=2, help="dreams per passage and setting")
   ap.add_argument("--workdir", default="/tmp/probe_dream_quality")
   ap.add_argument("--reader", action="store_true", help="the question dreams' reader answers")
+  ap.add_argument("--items", action="store_true", help="the passage items' teacher answers")
   args = ap.parse_args()
   c = knowledge.get_config("smollm2_docs")
   c.gguf = args.gguf
@@ -49,6 +54,8 @@ def main() -> None:
   docs = documents.load_jsonl(c.data.documents)[args.first:args.first + args.n]
   if args.reader:
     return reader_coverage(m, docs)
+  if args.items:
+    return item_coverage(m, docs)
   variant = list(c.dreaming.templates.values())[0]
   settings = {"variant's template, T 1.0, 48 tokens (the run's)": (variant, 1.0, 48),
               "variant's template, T 1.0, 96 tokens": (variant, 1.0, 96),
@@ -100,15 +107,44 @@ def reader_coverage(m, docs) -> None:
       for (p, _), a in zip(named, comps):
         said.setdefault(p, []).append(f" {normalize_answer(m.tok.decode(a))} ")
 
-    def held(questions) -> float:
-      facts = {(d.passage, normalize_answer(x.answer)) for d in docs for x in questions(d)}
-      return sum(any(f" {f} " in a for a in said.get(p, [])) for p, f in facts) / len(facts)
-
+    held = lambda questions: _held(docs, said, questions)  # noqa: E731
     print(f"| {focus} | {len(texts)} | {q['dream_wellformed']:.2f} | "
           f"{q['dream_about_passage']:.2f} | {len(named)} | "
           f"{held(lambda d: d.train_questions + d.eval_questions):.2f} | "
           f"{held(lambda d: d.eval_questions):.2f} | {time.perf_counter() - t0:.0f} |",
           flush=True)
+
+
+def _held(docs, said, questions) -> float:
+  """Share of the documents' facts (distinct answers of ``questions(d)``) found in ``said``
+  (passage -> texts, normalised with spaces around)."""
+  facts = {(d.passage, normalize_answer(x.answer)) for d in docs for x in questions(d)}
+  return sum(any(f" {f} " in a for a in said.get(p, [])) for p, f in facts) / len(facts)
+
+
+def item_coverage(m, docs) -> None:
+  """The ``--items`` table (module docstring)."""
+  print("| item template | new tokens | facts in the teacher's answer | eval answers in it | s |")
+  print("|---|---|---|---|---|")
+  templates = {"Tell me about <title>.": ("{context}\n\nTell me about {title}.",)}
+  templates.update({t.split("\n\n")[1].replace("{title}", "<title>"): (t,)
+                    for t in knowledge.REWRITES})
+  templates["both rewrites (smollm2_docs_written)"] = knowledge.REWRITES
+  for new_tokens in (64, 128):
+    for name, tpls in templates.items():
+      t0 = time.perf_counter()
+      said = {}
+      for tpl in tpls:
+        comps = qa_eval.greedy_completions(
+            m.params, m.cfg, [m.fmt.dream_prompt(d.passage, tpl, d.title) for d in docs],
+            max_new_tokens=new_tokens, stop_tokens=m.fmt.stop_ids, pad_id=m.tok.pad_id,
+            batch_size=10)
+        for d, a in zip(docs, comps):
+          said.setdefault(d.passage, []).append(f" {normalize_answer(m.tok.decode(a))} ")
+      print(f"| {name} | {new_tokens} | "
+            f"{_held(docs, said, lambda d: d.train_questions + d.eval_questions):.2f} | "
+            f"{_held(docs, said, lambda d: d.eval_questions):.2f} | "
+            f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
