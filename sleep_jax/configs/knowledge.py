@@ -78,39 +78,34 @@ QA_LAYOUT = ("{context}\n\nWrite three questions about {title} that this text an
              "the next.")
 
 
-# The passage's own consolidation items on SmolLM2 (``consolidation.prompt_templates``): the
-# model reading the passage rewrites it; no question of the task is in them.
+# SmolLM2's passage items (``consolidation.prompt_templates``): the model reading it rewrites it.
 REWRITES = ("{context}\n\nRewrite this text about {title} in your own words.",
             "{context}\n\nList every fact this text gives about {title}, one per line.")
 
 
 def _docs_written(c: ml_collections.ConfigDict) -> None:
   """``smollm2_docs`` with none of the task's questions given to any method, as the world's
-  ``written``: consolidation distils the passage's own items, the model's rewrites of it (two
-  per passage, ``REWRITES``: the model reading the passage writes them, one greedy answer of up
-  to 128 tokens each; the student, without the passage, learns them), plus the questions of
-  Sleep's accepted dreams. A dream is written from the passage with one of its sentences read
-  again (``focus``: the reader's answers to the 135M writer's questions then hold 33% of the
-  passages' facts against 25%, README_smollm2.md) and asks questions in the Q:/A: layout at T
-  0.7; only questions that name the passage's entity count (the slots are keyed on it); a trial
-  trains on the item the dream would become (``trial_view = "qa"``) and is judged on its
-  passage's written questions (tau). Keyed slots; 240 steps x 8, as the 240-step run."""
+  ``written``: consolidation distils the model's two rewrites of each passage (``REWRITES``,
+  written by the model reading it, one greedy answer of up to 128 tokens each) plus the
+  questions of Sleep's accepted dreams. A dream is written from the passage with one of its
+  sentences read again (``focus``: the reader's answers to the 135M writer's questions then
+  hold 33% of the passages' facts against 25%, README_smollm2.md) in the Q:/A: layout at T
+  0.7; only questions naming the passage's entity count (the slots are keyed on it); a trial
+  trains on the item the dream would become (``trial_view = "qa"``), judged on its passage's
+  written questions (tau). Keyed slots; 240 steps x 8, as the 240-step run."""
   c.methods = ("base", "in_context", "sft", "sleep_no_dream", "sleep", "sft_selfgen")
-  c.model_slot_keys, c.model_slot_key_len = 40, 8
-  k = c.consolidation
+  c.model_slot_keys, c.model_slot_key_len, k = 40, 8, c.consolidation
   k.steps = c.sft.steps = 240
-  # "Tell me about <title>." answered in 64 tokens says 33% of the eval answers; these rewrites
-  # say 85-95% (README_smollm2.md, twenty-seventh session). One greedy answer per item: four
-  # samples at T 1 teach a blend the student does not reproduce (twenty-sixth session).
+  # "Tell me about <title>." says half of the facts or less, the rewrites 94-97%; one greedy
+  # answer, as four samples at T 1 teach a blend (README_smollm2.md, 26th and 27th sessions).
   k.prompt_templates, k.ce_weight = REWRITES, 0.0
   k.max_new_tokens, k.teacher_samples, k.sample_top_k = 128, 1, 1
   d = c.dreaming
   d.templates, d.temperature, d.max_new_tokens, d.focus = {"qa": QA_LAYOUT}, 0.7, 80, "sentences"
   d.stage, d.tau_target, d.trial_view = "before", "written", "qa"
-  d.qa_items, d.qa_named = True, True
-  d.sft_context, d.tau_scope, d.tau_samples = "prompt", "passage", 2
-  # 2 dreams per (passage, sentence) prompt, 48 of them tried (each trial: 2 steps on one item,
-  # then tau of its passage)
+  d.qa_items, d.qa_named, d.sft_context, d.tau_scope, d.tau_samples = (True, True, "prompt",
+                                                                       "passage", 2)
+  # 2 dreams per (passage, sentence) prompt, 48 tried (a trial: 2 steps on one item, then tau)
   d.m, d.k, d.b = 128, 40, 8
 
 
