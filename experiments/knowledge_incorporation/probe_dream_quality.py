@@ -107,11 +107,10 @@ def reader_coverage(m, docs) -> None:
       for (p, _), a in zip(named, comps):
         said.setdefault(p, []).append(f" {normalize_answer(m.tok.decode(a))} ")
 
-    held = lambda questions: _held(docs, said, questions)  # noqa: E731
     print(f"| {focus} | {len(texts)} | {q['dream_wellformed']:.2f} | "
           f"{q['dream_about_passage']:.2f} | {len(named)} | "
-          f"{held(lambda d: d.train_questions + d.eval_questions):.2f} | "
-          f"{held(lambda d: d.eval_questions):.2f} | {time.perf_counter() - t0:.0f} |",
+          f"{_held(docs, said, lambda d: d.train_questions + d.eval_questions):.2f} | "
+          f"{_held(docs, said, lambda d: d.eval_questions):.2f} | {time.perf_counter() - t0:.0f} |",
           flush=True)
 
 
