@@ -296,3 +296,18 @@ def test_replay_keeps_earlier_facts_within_5_points(base):
                      stop_tokens=(kv.EOS,), golds=_golds(second) + _golds(first))
   assert r2.slot == 1 and acc(r2, second) >= 0.9
   assert acc(r2, first) >= before - 0.05
+
+
+def test_teacher_completions_are_the_in_context_answers(base):
+  """The teacher dataset D (what a consolidation distils and ``sft_items`` trains on): with
+  top-k 1 each of ``teacher_samples`` completions is the greedy in-context answer (value,
+  eos), for a number of items that is not a multiple of the batch."""
+  facts = kv.facts()[:5]
+  mask = T.slot_mask_none(kv.CFG)
+  teacher = C.Teacher(base, kv.CFG, mask, [kv.with_context(k, v, kv.TRAIN_Q[0])
+                                           for k, v in facts])
+  kcfg = _kcfg(batch_size=2, sample_top_k=1, teacher_samples=2)
+  comps = C.teacher_completions(teacher, kcfg, jax.random.key(0), stop_tokens=(kv.EOS,))
+  assert comps == [[[v, kv.EOS]] * 2 for _, v in facts]
+  with pytest.raises(ValueError, match="no items"):
+    C.consolidate(base, mask, kv.CFG, [], [], _kcfg(), jax.random.key(0), stop_tokens=(kv.EOS,))

@@ -414,3 +414,18 @@ def test_replayed_passages_kept_are_anchors_with_the_gate_shut(tmp_path, base_ca
   teacher, student, gates = seen[-1]
   assert all(g == 1.0 for s, g in zip(student, gates) if s in old)
   assert any(d.passage in setup.tok.decode(t) for d in setup.chunks[0] for t in teacher)
+
+
+def test_sft_items_trains_on_the_consolidation_items_only_when_there_are_some(base_cache,
+                                                                               tmp_path):
+  """``sft_items`` is SFT plus the consolidation's passage items with the model's own answers:
+  ``prompt_templates`` change what it learns and leave SFT's bits alone (no method gets the
+  templates' data but those that ask for it)."""
+  def digests(templates, work):
+    c = _config(base_cache, ("sft", "sft_items"))
+    c.consolidation.prompt_templates = templates
+    res = cycle.run_experiment(c, str(work), log=lambda *_: None)["methods"]
+    return [res[m]["seeds"]["0"]["params_sha1"] for m in ("sft", "sft_items")]
+  sft, items = digests((), tmp_path / "none")
+  sft2, items2 = digests(("{context} Q: {title}",), tmp_path / "tpl")
+  assert sft2 == sft and items2 != items

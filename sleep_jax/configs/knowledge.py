@@ -93,7 +93,7 @@ def _docs_written(c: ml_collections.ConfigDict) -> None:
   0.7; only questions naming the passage's entity count (the slots are keyed on it); a trial
   trains on the item the dream would become (``trial_view = "qa"``), judged on its passage's
   written questions (tau). Keyed slots; 240 steps x 8, as the 240-step run."""
-  c.methods = ("base", "in_context", "sft", "sleep_no_dream", "sleep", "sft_selfgen")
+  c.methods = ("base", "in_context", "sft", "sleep_no_dream", "sleep", "sft_items", "sft_selfgen")
   c.model_slot_keys, c.model_slot_key_len, k = 40, 8, c.consolidation
   k.steps = c.sft.steps = 240
   # "Tell me about <title>." says half of the facts or less, the rewrites 94-97%; one greedy

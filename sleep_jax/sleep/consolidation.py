@@ -113,6 +113,34 @@ def item_draw(host_rng: np.random.Generator, n_items: int, batch: int,
                   new[host_rng.integers(len(new), size=batch)])
 
 
+def teacher_completions(teacher: Teacher, kcfg: ml_collections.ConfigDict, rng: jax.Array, *,
+                        stop_tokens: Sequence[int], pad_id: int = 0,
+                        width: Optional[int] = None, offset: int = 0) -> List[List[List[int]]]:
+  """The teacher dataset D of one teacher: ``kcfg.teacher_samples`` completions of item i
+  (``teacher.prompts[i]``), at most ``kcfg.max_new_tokens`` each, top-k ``kcfg.sample_top_k``
+  at temperature 1 (top-k 1: the greedy answer), drawn ``kcfg.batch_size`` items at a time.
+  ``width``: the left-padded prompt width (default: the longest prompt, bucketed); ``offset``
+  tells the teachers of one distillation apart in the random stream. Returns [item][sample]."""
+  n_items, B = len(teacher.prompts), int(kcfg.batch_size)
+  width = width or _bucket(max(len(p) for p in teacher.prompts))
+  comps = [[] for _ in range(n_items)]
+  for r in range(int(kcfg.teacher_samples)):
+    for start in range(0, n_items, B):
+      idx = list(range(start, min(start + B, n_items)))
+      idx_full = idx + [idx[-1]] * (B - len(idx))  # constant batch shape
+      toks, valid = _pad_left([teacher.prompts[i] for i in idx_full], width, pad_id)
+      out = sampler.sample(teacher.params, toks, valid,
+                           jax.random.fold_in(rng, offset + r * 7919 + start), cfg=teacher.cfg,
+                           max_new_tokens=int(kcfg.max_new_tokens), temperature=1.0,
+                           top_k=int(kcfg.sample_top_k), stop_tokens=tuple(stop_tokens),
+                           pad_id=pad_id, slot_mask=teacher.slot_mask)
+      toks = np.asarray(out.tokens[:, width:])
+      live = np.asarray(out.completion_mask[:, width:])
+      for row, i in enumerate(idx):
+        comps[i].append(toks[row][live[row]].tolist())
+  return comps
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +164,9 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
   n_items = len(student.prompts)
+  if not n_items:
+    raise ValueError("Knowledge Seeding got no items to distil (no questions, dreams or "
+                     "consolidation.prompt_templates)")
   if any(len(t.prompts) != n_items for t in teachers):
     raise ValueError("every teacher needs one prompt per student prompt")
   if any(t.cfg.vocab_size != student.cfg.vocab_size for t in teachers):
@@ -185,19 +216,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   # 1. The teacher dataset D: ``teacher_samples`` completions per item from every teacher.
   D = [] if dataset is None else [[[list(map(int, c))] for c in dataset]] * len(teachers)
   for t, (teacher, t_len) in enumerate(zip(teachers, t_lens) if dataset is None else ()):
-    comps = [[] for _ in range(n_items)]
-    for r in range(int(kcfg.teacher_samples)):
-      for start in range(0, n_items, B):
-        idx = list(range(start, min(start + B, n_items)))
-        idx_full = idx + [idx[-1]] * (B - len(idx))  # constant batch shape
-        out = sample(teacher.params, teacher.cfg, teacher.slot_mask,
-                     [teacher.prompts[i] for i in idx_full], t_len,
-                     jax.random.fold_in(d_rng, t * 1_000_003 + r * 7919 + start), 1.0)
-        toks = np.asarray(out.tokens[:, t_len:])
-        live = np.asarray(out.completion_mask[:, t_len:])
-        for row, i in enumerate(idx):
-          comps[i].append(toks[row][live[row]].tolist())
-    D.append(comps)
+    D.append(teacher_completions(teacher, kcfg, d_rng, stop_tokens=stop_tokens, pad_id=pad_id,
+                                 width=t_len, offset=t * 1_000_003))
 
   # 2. Optimisation state: only ``student.trainable`` changes.
   # The step donates its state; the student's frozen arrays may be the teacher's own buffers

@@ -37,6 +37,9 @@ class Method:
     variants: SFT trains on task variants (TTT).
     questions: SFT also trains on the wake questions with their supported answers, closed-book
       (the data consolidation distils on: SFT and Sleep on equal data).
+    items: SFT also trains on the consolidation's passage items (``prompt_templates``), each
+      closed-book with the answer the model reading the passage wrote: the self-written data
+      a sleep without task questions distils on, as hard labels into every parameter.
   """
   learn: str
   consolidation: Optional[Overrides] = None
@@ -47,6 +50,7 @@ class Method:
   selfgen: bool = False
   variants: bool = False
   questions: bool = False
+  items: bool = False
 
   @property
   def expands(self) -> bool:
@@ -60,7 +64,9 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "base": Method("none"),  # closed-book, no learning
     "in_context": Method("none", in_context=True),  # the passage in the prompt: upper bound
     "sft": Method("sft"),  # fine-tune every parameter on the passages
-    "sft_selfgen": Method("sft", selfgen=True),  # + self-generated data, no RL selection
+    # + self-written data (dreams, and the consolidation's items), no selection, no distillation
+    "sft_selfgen": Method("sft", selfgen=True, items=True),
+    "sft_items": Method("sft", items=True),  # + the consolidation's items: data vs method
     "sft_questions": Method("sft", questions=True),  # + the wake questions and their answers
     "opsd": Method("sleep", consolidation=_OPSD, deep=False),
     "opsd_expansion": Method("sleep", consolidation=MappingProxyType({"alpha": 1.0, "lam": 1.0}),
@@ -98,6 +104,7 @@ ONE_LINE = {
     "in_context": "the passage in the prompt (the in-context ceiling)",
     "sft": "fine-tune every parameter on the passages",
     "sft_selfgen": "SFT on the passages plus self-written dreams (no selection)",
+    "sft_items": "SFT on the passages plus the model's own answers to the consolidation's items",
     "sft_questions": "SFT on the passages plus the wake questions with their answers",
     "opsd": "on-policy self-distillation into the existing weights (no expansion)",
     "opsd_expansion": "on-policy self-distillation into a new slot",

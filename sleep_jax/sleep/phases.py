@@ -263,9 +263,9 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   phase = "deep" if level == 1 else f"deep{level}"
   eps = [e for k in range(t - ctx.schedule[level] + 1, t + 1)
          for e in st.memory.sample_for_sleep(k, rng, float(c.consolidation.replay_fraction))]
-  # The wake questions, or where the task gave none, the accepted dreams' questions.
-  prompts = [ctx.setup.fmt.closed_book(q) for e in eps
-             for q in e.prompts or e.meta.get(DREAM_QUESTIONS, [])]
+  # The wake questions, or where the task gave none, the accepted dreams' questions, or where
+  # a sleep accepted none, the document's consolidation items (``prompt_templates``).
+  prompts = [p for e in eps for p in _deep_prompts(ctx, e)]
   kcfg.source_level, kcfg.target_level = level - 1, level
   kcfg.alpha, kcfg.lam = 1.0, float(c.deep_lam)  # fast level -> slow level: pure GKD
   kcfg.ce_weight = 0.0  # the source is a CMS level: no document answers to anchor on
@@ -285,11 +285,22 @@ def _deep_level(st: SleepState, ctx: Context, t: int, level: int) -> SleepState:
   return st
 
 
+def _deep_prompts(ctx: Context, e: Episode) -> list:
+  """The closed-book prompts a deep sleep moves an episode's knowledge with."""
+  qs = e.prompts or e.meta.get(DREAM_QUESTIONS, [])
+  templates = tuple(ctx.config.consolidation.get("prompt_templates", ()))
+  if qs or not templates:
+    return [ctx.setup.fmt.closed_book(q) for q in qs]
+  doc = next(d for d in ctx.setup.chunks[e.cycle] if d.id == e.id)
+  return task_lib.template_items(ctx.setup, [doc], templates)[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Baselines that fine-tune every parameter.
 # ----------------------------------------------------------------------------------------------
 def sft(st: SleepState, ctx: Context, t: int):
-  """SFT on the chunk's passages (TTT: on task variants; ``selfgen``: plus self-written dreams)."""
+  """SFT on the chunk's passages (TTT: on task variants), plus self-written dreams (``selfgen``),
+  the consolidation's items with the model's own answers (``items``), the wake questions."""
   c, s, docs = ctx.config, ctx.setup, chunk_with_replay(ctx, t)
   if ctx.method.variants:
     # TTT: the demonstrations as leave-one-out tasks plus task variants, loss on the answers.
@@ -302,6 +313,9 @@ def sft(st: SleepState, ctx: Context, t: int):
     # distils on, so SFT can be compared with Sleep on equal data.
     q_rows, q_starts = task_lib.question_rows(s, docs)
     rows, starts = rows + q_rows, starts + q_starts
+  if ctx.method.items:
+    i_rows, i_starts = item_rows(st, ctx, t, docs)
+    rows, starts = rows + i_rows, starts + i_starts
   batch = task_lib.pad_rows(rows, starts, int(c.seq_len), s.tok.pad_id)
   if ctx.method.selfgen:
     dcfg = c.dreaming
@@ -322,6 +336,23 @@ def sft(st: SleepState, ctx: Context, t: int):
       st.params, st.slot_mask, s.cfg, batch, state_lib.all_trainable(st.params),
       steps=int(c.sft.steps), opt_cfg=c.sft.optimizer, batch_size=int(c.sft.batch_size),
       rng=ctx.key(t, "sft"), loss=c.sft.loss, on_step=on_step), hook=False)
+
+
+def item_rows(st: SleepState, ctx: Context, t: int, docs) -> tuple:
+  """The consolidation's passage items (``consolidation.prompt_templates``) as closed-book SFT
+  rows: the student's prompt followed by each answer the model reading the passage wrote (the
+  teacher dataset D of ``consolidation.teacher_completions``, drawn with the consolidation's
+  own settings), loss on the answer. Returns (rows, loss starts); none without templates."""
+  kcfg = ctx.config.consolidation
+  templates = tuple(kcfg.get("prompt_templates", ()))
+  if not templates:
+    return [], []
+  teacher, student = task_lib.template_items(ctx.setup, docs, templates)
+  comps = consolidation.teacher_completions(
+      consolidation.Teacher(st.params, ctx.setup.cfg, st.slot_mask, teacher), kcfg,
+      ctx.key(t, "items"), stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id)
+  pairs = [(p, c) for p, cs in zip(student, comps) for c in cs]
+  return [list(p) + c for p, c in pairs], [len(p) for p, _ in pairs]
 
 
 def grpo_learn(st: SleepState, ctx: Context, t: int):
