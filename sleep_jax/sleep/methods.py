@@ -64,8 +64,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "base": Method("none"),  # closed-book, no learning
     "in_context": Method("none", in_context=True),  # the passage in the prompt: upper bound
     "sft": Method("sft"),  # fine-tune every parameter on the passages
-    # + self-written data (dreams, and the consolidation's items), no selection, no distillation
-    "sft_selfgen": Method("sft", selfgen=True, items=True),
+    "sft_selfgen": Method("sft", selfgen=True),  # + self-generated data, no RL selection
     "sft_items": Method("sft", items=True),  # + the consolidation's items: data vs method
     "sft_questions": Method("sft", questions=True),  # + the wake questions and their answers
     "opsd": Method("sleep", consolidation=_OPSD, deep=False),
