@@ -140,9 +140,11 @@ def help_text() -> str:
     if not name.endswith(".py") or name in ("__init__.py", "loader.py"):
       continue
     module = loader.load_module(os.path.join(here, name))
+    if not hasattr(module, "get_config"):  # a part of another config file
+      continue
     lines.append(f"  {name}: {(module.__doc__ or '').strip().splitlines()[0]}")
     for variant, what in getattr(module, "HELP", {}).items():
-      lines.append(f"      :{variant:<18} {what}")
+      lines.append(f"      :{variant:<26} {what}")
   lines += ["", "methods (--config.methods='(\"base\",\"sleep\")'; sleep_cycle configs):"]
   lines += [f"  {m:<24} {what}" for m, what in methods_lib.ONE_LINE.items()]
   lines += ["", "Any key can be overridden (--config.consolidation.steps=30). Exit codes: 0 done or "

@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from sleep_jax.configs import knowledge
+from sleep_jax.configs import knowledge, knowledge_smollm2
 from sleep_jax.data import documents
 from sleep_jax.data.tokenizer import ByteTokenizer
 from sleep_jax.sleep import dream_qa
@@ -210,7 +210,7 @@ def test_question_templates_named_pairs_and_qa_trial_rows():
   questions that name the entity in full; a dream's ``qa`` trial row is its question asked
   closed-book with the reader's answer, and a dream without one gets no completion."""
   assert task_lib.opens_question("{context} Q: {title}")
-  assert not task_lib.opens_question(knowledge.QA_LAYOUT)
+  assert not task_lib.opens_question(knowledge_smollm2.QA_LAYOUT)
   assert task_lib.opens_question("{context} Q:", copy_title=True)
   text = "Q: Who designed the Korrin engine?\nA: Oda Felk\nQ: When was it built?\nA: 1851"
   assert dream_qa.entity_pairs(text, "Korrin engine", named=True) == [

@@ -17,8 +17,9 @@ passages' facts those answers contain (measurement only: the facts are the task'
 answers, which no method is given).
 
 ``--items``: what the passage's own consolidation items carry (``consolidation.prompt_templates``:
-"Tell me about <title>." and ``knowledge.REWRITES``): the greedy answer of the model reading
-the passage to each template, 64 and 128 tokens, and the share of the passages' facts in it.
+"Tell me about <title>." and ``knowledge_smollm2.REWRITES``): the greedy answer of the model
+reading the passage to each template, 64 and 128 tokens, and the share of the passages' facts
+in it.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax.configs import knowledge
+from sleep_jax.configs import knowledge, knowledge_smollm2
 from sleep_jax.data import documents
 from sleep_jax.eval import qa as qa_eval
 from sleep_jax.losses.rewards import normalize_answer
@@ -35,7 +36,7 @@ from sleep_jax.model import sampler
 from sleep_jax.sleep import dream_batches, dream_qa
 from sleep_jax.tasks import models
 
-QA_LAYOUT = knowledge.QA_LAYOUT  # asks for the "Q: ... / A: ..." layout about {title}
+QA_LAYOUT = knowledge_smollm2.QA_LAYOUT  # asks for the "Q: ... / A: ..." layout about {title}
 
 
 def main() -> None:
@@ -127,8 +128,8 @@ def item_coverage(m, docs) -> None:
   print("|---|---|---|---|---|")
   templates = {"Tell me about <title>.": ("{context}\n\nTell me about {title}.",)}
   templates.update({t.split("\n\n")[1].replace("{title}", "<title>"): (t,)
-                    for t in knowledge.REWRITES})
-  templates["both rewrites (smollm2_docs_written)"] = knowledge.REWRITES
+                    for t in knowledge_smollm2.REWRITES})
+  templates["both rewrites (smollm2_docs_written)"] = knowledge_smollm2.REWRITES
   for new_tokens in (64, 128):
     for name, tpls in templates.items():
       t0 = time.perf_counter()
