@@ -429,3 +429,14 @@ def test_sft_items_trains_on_the_consolidation_items_only_when_there_are_some(ba
   sft, items = digests((), tmp_path / "none")
   sft2, items2 = digests(("{context} Q: {title}",), tmp_path / "tpl")
   assert sft2 == sft and items2 != items
+
+
+def test_deep_sleep_moves_the_consolidation_items_when_no_question_was_given(base_cache,
+                                                                              tmp_path):
+  """With ``prompt_templates`` the episodic memory holds no questions; without dreams the deep
+  sleep moves the fast level with the documents' own items (it once had no item at all)."""
+  c = _config(base_cache, ("sleep_no_dream",))
+  c.consolidation.prompt_templates = ("{context} Q: {title}",)
+  res = cycle.run_experiment(c, str(tmp_path), log=lambda *_: None)
+  live = res["methods"]["sleep_no_dream"]["seeds"]["0"]["live_slots"]
+  assert sum(live[1]) >= 1  # the deep sleep unlocked a slot of level 1 and trained it
