@@ -440,3 +440,25 @@ def test_deep_sleep_moves_the_consolidation_items_when_no_question_was_given(bas
   res = cycle.run_experiment(c, str(tmp_path), log=lambda *_: None)
   live = res["methods"]["sleep_no_dream"]["seeds"]["0"]["live_slots"]
   assert sum(live[1]) >= 1  # the deep sleep unlocked a slot of level 1 and trained it
+
+
+def test_seal_studies_its_accepted_dreams_in_the_query_format(base_cache, tmp_path,
+                                                              monkeypatch):
+  """SEAL trains its accepted dreams into the existing weights after what ``sft_selfgen``
+  studies them after: a dream written after "<passage> Q:" follows "Q:", not bare bos."""
+  from sleep_jax.sleep import dream_phase
+  from sleep_jax.tasks import make_setup
+  seen, fit = [], dream_phase.fit_lib.fit_rows
+
+  def spy(params, mask, cfg, rows, *args, **kwargs):
+    seen.append(rows["tokens"])
+    return fit(params, mask, cfg, rows, *args, **kwargs)
+  monkeypatch.setattr(dream_phase.fit_lib, "fit_rows", spy)
+  c = _config(base_cache, ("seal",))
+  c.world_chunks = 1
+  c.dreaming.templates, c.dreaming.copy_title = {"question": "{context} Q:"}, True
+  cycle.run_experiment(c, str(tmp_path / "run"), log=lambda *_: None)
+  assert seen, "SEAL trained nothing: the test config accepts every kept dream"
+  head = make_setup(c, str(tmp_path / "setup"), log=lambda *_: None).fmt.dream_prompt(
+      "", "{context} Q:")
+  assert len(head) > 1 and all(list(r[:len(head)]) == head for r in seen[-1])

@@ -54,6 +54,8 @@ HELP = {
     "written": "the main job with none of the task's questions: dreams are the study questions",
     "written_sticky": "written, dreams in every wording (entity copying) and sticky slot gates: "
                       "stores more, keeps fewer old facts",
+    "table3": "the main job's settings with the paper's Table 3 rows: SEAL and the dreaming "
+              "ablations beside Sleep, 3 seeds (~1 h)",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
@@ -186,7 +188,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity", "questions", "written", "written_sticky", "default"):
+  elif variant in ("recall", "capacity", "questions", "written", "written_sticky", "default",
+                   "table3"):
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -197,7 +200,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant in ("capacity", "questions", "written", "written_sticky", "default"):
+    if variant in ("capacity", "questions", "written", "written_sticky", "default", "table3"):
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
       # deep sleep into level 1 lost a third of what the fast level held at this step budget);
@@ -209,13 +212,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant in ("questions", "written", "written_sticky", "default"):
+    if variant in ("questions", "written", "written_sticky", "default", "table3"):
       # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
       c.model_slots, c.model_gate_hidden = 16, 16
-    if variant in ("written", "written_sticky", "default"):
+    if variant in ("written", "written_sticky", "default", "table3"):
       # None of the task's questions reach any method: every learner gets the passages only.
       # Consolidation distils one item per document, "<passage> Q: <name>" -> "Q: <name>"
       # (the teacher writes its own question and answer); Sleep's dreams are questions the
@@ -249,7 +252,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # 38.7 -> 47.1 stored, old facts 38.0 -> 26.5 (README, eighteenth session).
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title, c.model_gate_sticky = True, True
-    if variant == "default":
+    if variant in ("default", "table3"):
       # Each sleep keys its slots on its chunk's names (a world name is 2 tokens; 24 >= the 20
       # people of a chunk): every prompt about anyone else gets the model without them, so the
       # anchors and the replay that taught a trained gate "not this one" have nothing left to
@@ -260,6 +263,15 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slot_keys, c.model_slot_key_len = 24, 2
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title = True
+    if variant == "table3":
+      # SEAL studies its accepted dreams (ReST-EM on the same dreams as Sleep) in every
+      # parameter at SFT's learning rate, steps and batch: the same budget as every learner.
+      c.methods = ("base", "in_context", "sft", "seal", "sleep_no_dream", "sleep",
+                   "sleep_no_random_expert", "sleep_no_grad_selection")
+      c.seeds = (0, 1, 2)
+      c.dream_training = ml_collections.ConfigDict(dict(
+          steps=c.sft.steps, epochs=c.sft.steps, batch_size=c.sft.batch_size,
+          optimizer=ml_collections.ConfigDict(c.sft.optimizer.to_dict()), loss=c.sft.loss))
   elif variant in smollm2.VARIANTS:
     smollm2.apply(c, variant, ALL_METHODS)
   elif variant == "test":

@@ -176,8 +176,11 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
   steps = min(int(dt.steps), -(-int(dt.epochs) * len(res) // bs))
   info["dream_training_steps"] = steps
   if not expands:
-    # SEAL: the accepted dreams train the existing weights by SFT (no consolidation).
-    rows = dreams_as_rows(res.dreams, s.fmt.bos(), int(c.seq_len), s.tok.pad_id)
+    # SEAL: the accepted dreams train the existing weights by SFT (no consolidation), each
+    # studied after what sft_selfgen studies it after (a question's opening, else bos).
+    heads = template_student_prompts(s.fmt, ddocs, dcfg.templates, res.prompt_index,
+                                     bool(dcfg.copy_title))
+    rows = dreams_as_rows(res.dreams, heads, int(c.seq_len), s.tok.pad_id)
     st.params = fit_lib.fit_rows(st.params, st.slot_mask, s.cfg, rows,
                                  state_lib.all_trainable(st.params), steps=steps,
                                  opt_cfg=dt.optimizer, batch_size=bs,
