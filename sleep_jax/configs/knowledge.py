@@ -55,7 +55,7 @@ HELP = {
     "written_sticky": "written, dreams in every wording (entity copying) and sticky slot gates: "
                       "stores more, keeps fewer old facts",
     "table3": "the main job's settings with the paper's Table 3 rows: SEAL and the dreaming "
-              "ablations beside Sleep, 3 seeds (~1 h)",
+              "ablations beside Sleep, 3 seeds (~40 min)",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
