@@ -269,9 +269,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.methods = ("base", "in_context", "sft", "seal", "sleep_no_dream", "sleep",
                    "sleep_no_random_expert", "sleep_no_grad_selection")
       c.seeds = (0, 1, 2)
-      c.dream_training = ml_collections.ConfigDict(dict(
-          steps=c.sft.steps, epochs=c.sft.steps, batch_size=c.sft.batch_size,
-          optimizer=ml_collections.ConfigDict(c.sft.optimizer.to_dict()), loss=c.sft.loss))
+      smollm2.seal_at_sft_budget(c)
   elif variant in smollm2.VARIANTS:
     smollm2.apply(c, variant, ALL_METHODS)
   elif variant == "test":

@@ -147,6 +147,12 @@ def _docs_written(c: ml_collections.ConfigDict, gpu: bool) -> None:
                  "sleep_no_dream", "sleep", "seal", "sleep_no_random_expert",
                  "sleep_no_grad_selection")
     d.m, d.k = 152, 48  # 24 passages a sleep: the 20-passage run's dreams per passage
-    # SEAL's accepted dreams train every parameter: SFT's learning rate and step budget.
-    c.dream_training.optimizer.lr = c.sft.optimizer.lr
-    c.dream_training.steps, c.dream_training.epochs, c.dream_training.batch_size = 240, 240, 8
+    seal_at_sft_budget(c)
+
+
+def seal_at_sft_budget(c: ml_collections.ConfigDict) -> None:
+  """SEAL's accepted dreams train every parameter as SFT does: its optimizer, steps and batch
+  (``epochs`` = steps, so no pass cap cuts the budget)."""
+  c.dream_training = ml_collections.ConfigDict(dict(
+      steps=c.sft.steps, epochs=c.sft.steps, batch_size=c.sft.batch_size,
+      optimizer=ml_collections.ConfigDict(c.sft.optimizer.to_dict()), loss=c.sft.loss))
