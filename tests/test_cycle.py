@@ -462,3 +462,22 @@ def test_seal_studies_its_accepted_dreams_in_the_query_format(base_cache, tmp_pa
   head = make_setup(c, str(tmp_path / "setup"), log=lambda *_: None).fmt.dream_prompt(
       "", "{context} Q:")
   assert len(head) > 1 and all(list(r[:len(head)]) == head for r in seen[-1])
+
+
+@pytest.mark.parametrize("method,held", [("sleep_2_levels", (0, 2, 0, 0)),
+                                         ("sleep_4_levels", (0, 0, 0, 2))])
+def test_sleep_over_more_levels_cascades_each_chunk_to_the_slowest_level_in_use(
+    base_cache, tmp_path, method, held):
+  """``model_levels`` = 4 (two empty slots-only levels before the MLP level) with
+  ``sleep_every`` = (1, 1, 1, 1): every sleep moves its fast level down the levels the method
+  uses and prunes each source, so both chunks end in the slowest level in use, keyed on their
+  names."""
+  from sleep_jax.tasks import make_setup
+  c = _config(base_cache, (method,))
+  c.model_levels, c.sleep_every = 4, (1, 1, 1, 1)
+  c.model_slot_keys, c.model_slot_key_len = 24, 2
+  work = str(tmp_path / "run")
+  res = cycle.run_experiment(c, work, log=lambda *_: None)["methods"][method]["seeds"]["0"]
+  assert tuple(sum(live) for live in res["live_slots"]) == held
+  setup = make_setup(c, work, log=lambda *_: None)
+  assert setup.cfg.n_levels == 4 and setup.cfg.d_ff[1:3] == (0, 0)

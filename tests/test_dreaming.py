@@ -228,6 +228,11 @@ def test_trials_scored_on_their_own_passage(setup):
   kw = dict(inner_lr=1e-2, lora_scale=SCALE, margin=0.0, task_score_fn=DT.task_log_likelihood,
             sft_context="prompt", **INNER)
   out = DT.run_trials(params, CFG, mask, lora0, dreams, task, **kw, **masks)
+  rows = np.asarray(masks["task_rows"])  # a trial reads its own group's rows alone
+  evens = list(range(0, n_rows, 2))
+  assert rows.shape == (3, n_rows) and list(rows[0, :len(evens)]) == evens
+  no_candidate = D.passage_masks(task, row_group, np.array([1, 0]), np.resize([0, 1], n))
+  assert no_candidate["task_rows"].shape == (2, (n_rows + 1) // 2)
   cm = np.asarray(task["completion_mask"], bool)
   for i, g in enumerate(np.asarray(masks["groups"])):
     keep = cm & ((row_group == g)[:, None] if g < 2 else True)

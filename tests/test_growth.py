@@ -151,3 +151,33 @@ def test_slot_gates_with_a_hidden_layer_keep_function_and_train_per_slot():
   assert float(jnp.abs(g["layers"]["cms_0"]["slot_gate_u"][:, s]).max()) > 0.0
   p4, _ = growth.reset_level(p3, m3, 0)
   assert float(jnp.abs(p4["layers"]["cms_0"]["slot_gate_v"]).max()) == 0.0
+
+
+def test_add_levels_keeps_function_and_the_new_levels_can_learn():
+  """add_levels inserts empty slots-only levels before the slowest level: the logits keep their
+  bits (slots live in the old levels, gates and keys included), the old levels keep their
+  parameters under their new names, and a slot unlocked in a new level changes the output."""
+  from sleep_jax.model import slot_keys
+  p, mask = _params(CFG)
+  p, cfg = growth.add_slot_gates(p, CFG, 4)
+  p, cfg = slot_keys.add(p, cfg, 3, 2)
+  x = _tokens()
+  base, _ = T.apply(p, x, cfg, slot_mask=mask)
+  p4, cfg4 = growth.add_levels(p, cfg, 4)
+  assert (cfg4.d_ff, cfg4.n_experts, cfg4.n_levels) == ((16, 0, 0, 64), (1, 1, 1, 2), 4)
+  jax.tree.map(lambda a, s: None if a.shape == s.shape else (_ for _ in ()).throw(AssertionError()),
+               p4, T.param_shapes(cfg4))
+  for old, new in ((0, 0), (1, 3)):
+    jax.tree.map(np.testing.assert_array_equal, p["layers"][f"cms_{old}"],
+                 p4["layers"][f"cms_{new}"])
+  assert np.all(np.asarray(p4["slot_keys"][1:3]) == slot_keys.NO_KEY)
+  m4 = jnp.zeros((4, cfg.n_slots), bool).at[0].set(mask[0]).at[3].set(mask[1])
+  np.testing.assert_array_equal(T.apply(p4, x, cfg4, slot_mask=m4)[0], base)
+  assert growth.add_levels(p4, cfg4, 4)[1] is cfg4
+  with pytest.raises(ValueError, match="fewer than"):
+    growth.add_levels(p4, cfg4, 2)
+  p5, m5, s = growth.unlock_slot(p4, m4, 2, jax.random.key(5))
+  lvl = dict(p5["layers"]["cms_2"])
+  lvl["slot_b"] = lvl["slot_b"].at[:, int(s)].set(0.1)
+  p5["layers"] = dict(p5["layers"], cms_2=lvl)
+  assert float(jnp.abs(T.apply(p5, x, cfg4, slot_mask=m5)[0] - base).max()) > 1e-3

@@ -19,6 +19,8 @@ Variants (``--config=...knowledge.py:VARIANT``):
 * ``continued`` the many-passage ("continued pretraining") regime: each new person arrives as 4
                paraphrased passages (``data.passages_per_person``);
 * ``continual`` ``experiments/continual``: more chunks, retention and accuracy matrices;
+* ``table3_levels`` the main job on the base with 4 CMS levels: Sleep over 1, 2 and 4 of them;
+* ``table3_continued`` ``table3``'s rows with 4 paraphrased passages per new person;
 * ``smollm2``  the real SmolLM2-135M-Instruct (GGUF) on a few fictional passages or on the
                user's documents (``--config.data.source=jsonl --config.data.documents=FILE``);
 * ``smollm2_gpu`` the same at GPU/TPU size (every method, 3 seeds);
@@ -56,6 +58,9 @@ HELP = {
                       "stores more, keeps fewer old facts",
     "table3": "the main job's settings with the paper's Table 3 rows: SEAL and the dreaming "
               "ablations beside Sleep, 3 seeds (~40 min)",
+    "table3_levels": "the main job with 4 CMS levels: Sleep over 1, 2 and 4 levels, 3 seeds",
+    "table3_continued": "table3's rows in the many-passage regime: 4 paraphrased passages per "
+                        "new person, 3 seeds",
     "smollm2": "the real SmolLM2-135M-Instruct on a few world people or your documents",
     "smollm2_gpu": "the same at GPU/TPU size (every method, 3 seeds)",
     "smollm2_docs": "SmolLM2 on the project's fictional-documents set (20 passages, CPU, ~1.5 h)",
@@ -66,6 +71,8 @@ HELP = {
                                 "rows (GPU-sized)",
     "test": "seconds-long, for the unit tests",
 }
+# The variants with the main job's settings.
+_MAIN = ("default", "table3", "table3_levels", "table3_continued")
 MAIN_METHODS = ("base", "in_context", "sft", "opsd", "sleep_no_dream", "sleep")
 ALL_METHODS = MAIN_METHODS + ("sft_selfgen", "sleep_no_imitation", "sleep_no_semantic",
                               "sleep_no_expansion", "sleep_no_random_expert",
@@ -188,8 +195,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.world_chunks = 5
     c.deep_every = 2
-  elif variant in ("recall", "capacity", "questions", "written", "written_sticky", "default",
-                   "table3"):
+  elif variant in ("recall", "capacity", "questions", "written", "written_sticky") + _MAIN:
     # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
     # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
     # off-policy distillation of the in-context teacher plus cross-entropy on the supported
@@ -200,7 +206,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
     c.sft.steps = 480
-    if variant in ("capacity", "questions", "written", "written_sticky", "default", "table3"):
+    if variant in ("capacity", "questions", "written", "written_sticky") + _MAIN:
       # The fourteenth session's levers: capacity (8 slots x rank 16 per sleep, 3x the storage
       # of one slot), the gate, replay of the earlier chunks' passages, and one fast level (the
       # deep sleep into level 1 lost a third of what the fast level held at this step budget);
@@ -212,13 +218,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slots, k.slots, k.gate_weight, k.replay_fraction = 24, 8, 20.0, 1.0
       c.model_gate_hidden, k.gate_positions, k.anchor_prompts = 32, "anchor_all", 700
       c.deep_every = 1000
-    if variant in ("questions", "written", "written_sticky", "default", "table3"):
+    if variant in ("questions", "written", "written_sticky") + _MAIN:
       # 2 chunks: the six methods in ~10 min on 2 cores
       c.methods, c.seeds, c.world_chunks = tuple(MAIN_METHODS), (0,), 2
       # The two sleeps' slots and a smaller gate: masked slots and the gate's hidden layer are
       # computed on every token (experiments/knowledge_incorporation/README.md, fifteenth session).
       c.model_slots, c.model_gate_hidden = 16, 16
-    if variant in ("written", "written_sticky", "default", "table3"):
+    if variant in ("written", "written_sticky") + _MAIN:
       # None of the task's questions reach any method: every learner gets the passages only.
       # Consolidation distils one item per document, "<passage> Q: <name>" -> "Q: <name>"
       # (the teacher writes its own question and answer); Sleep's dreams are questions the
@@ -252,7 +258,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       # 38.7 -> 47.1 stored, old facts 38.0 -> 26.5 (README, eighteenth session).
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title, c.model_gate_sticky = True, True
-    if variant in ("default", "table3"):
+    if variant in _MAIN:
       # Each sleep keys its slots on its chunk's names (a world name is 2 tokens; 24 >= the 20
       # people of a chunk): every prompt about anyone else gets the model without them, so the
       # anchors and the replay that taught a trained gate "not this one" have nothing left to
@@ -263,13 +269,31 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       c.model_slot_keys, c.model_slot_key_len = 24, 2
       c.dreaming.templates = {"question": "{context} Q:"}
       c.dreaming.copy_title = True
-    if variant == "table3":
+    if variant in ("table3", "table3_continued"):
       # SEAL studies its accepted dreams (ReST-EM on the same dreams as Sleep) in every
       # parameter at SFT's learning rate, steps and batch: the same budget as every learner.
       c.methods = ("base", "in_context", "sft", "seal", "sleep_no_dream", "sleep",
                    "sleep_no_random_expert", "sleep_no_grad_selection")
       c.seeds = (0, 1, 2)
       smollm2.seal_at_sft_budget(c)
+    if variant == "table3_continued":
+      # The many-passage ("continued pretraining") regime: each new person arrives as 4
+      # paraphrased passages (80 documents a chunk), at the single-passage budget: the same
+      # steps, dreams per round and trials, so each passage gets a quarter of them.
+      c.data.passages_per_person = 4
+      # 240 trials at once, each scored over 4x the tau questions, asked 26 GB: 60 at a time.
+      c.dreaming.parallel_dreams = 60
+      c.methods = ("base", "in_context", "sft", "seal", "sleep_no_dream", "sleep")
+    if variant == "table3_levels":
+      # Sleep over 1, 2 and 4 CMS levels on the same model: two empty slots-only levels go in
+      # before the MLP level (growth.add_levels), and every sleep cascades its fast level down
+      # the levels in use (sleep_every = 1 each: level l receives level l-1 after every chunk,
+      # which is then pruned), so a chunk's knowledge ends in the slowest level in use.
+      # ``model_levels``: the model's CMS levels (only this variant sets the key, so that the
+      # runs recorded before it existed still resume; models.load reads 0 = the base's own).
+      c.model_levels, c.sleep_every = 4, (1, 1, 1, 1)
+      c.methods = ("base", "in_context", "sleep_1_level", "sleep_2_levels", "sleep_4_levels")
+      c.seeds = (0, 1, 2)
   elif variant in smollm2.VARIANTS:
     smollm2.apply(c, variant, ALL_METHODS)
   elif variant == "test":

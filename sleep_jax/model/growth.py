@@ -5,6 +5,8 @@
   ``reset_level`` prunes every live slot of a level (zero weights, masked); ``live_slots`` lists
   them. All are pure functions of ``(params, slot_mask)``; shapes never change, so jit caches and
   checkpoint structures stay valid.
+* ``allocate_slots``, ``add_slot_gates``, ``add_levels``: more (masked) slots per level, a hidden
+  layer in every slot's gate, more slots-only CMS levels; each leaves the function unchanged.
 * ``slot_trainable_mask``: the elementwise trainable mask "only slot s of level j learns".
 * Knowledge Seeding into a larger model: ``hyperclone_width`` (HyperCloning: every hidden unit and
   attention head is repeated n times and weights are split so each copy carries the same value)
@@ -94,6 +96,14 @@ def _replace_level(params, level, lvl):
   return params
 
 
+def _added(key: str, want: int, have: int, what: str) -> int:
+  """How many ``what`` growth adds for ``key`` = ``want`` (a model only grows)."""
+  if int(want) < have:
+    raise ValueError(f"{key}={want} is fewer than the model's own {have} {what}; they can be "
+                     "added, not removed")
+  return int(want) - have
+
+
 def allocate_slots(params, cfg: ModelConfig, n_slots: int):
   """The same model with ``n_slots`` pre-allocated slots per CMS level (at least its own).
 
@@ -101,10 +111,7 @@ def allocate_slots(params, cfg: ModelConfig, n_slots: int):
   the order of float sums over the longer slot axis) for a slot mask of the old shape padded
   with False; ``unlock_slot`` draws their A when it turns one on. Returns ``(params, cfg)``.
   """
-  extra = int(n_slots) - cfg.n_slots
-  if extra < 0:
-    raise ValueError(f"model_slots={n_slots} is fewer than the model's own {cfg.n_slots} slots "
-                     "per level; slots can be added, not removed")
+  extra = _added("model_slots", n_slots, cfg.n_slots, "slots per level")
   if extra == 0:
     return params, cfg
   L, d, r, S = cfg.n_layers, cfg.d_model, cfg.slot_rank, cfg.n_slots
@@ -146,6 +153,39 @@ def add_slot_gates(params, cfg: ModelConfig, hidden: int):
     lvl["slot_gate_v"] = jnp.zeros((L, S, hidden), dt)
     params = _replace_level(params, j, lvl)
   return params, dataclasses.replace(cfg, slot_gate_hidden=int(hidden))
+
+
+def add_levels(params, cfg: ModelConfig, n_levels: int):
+  """The same model with ``n_levels`` CMS levels: slots-only fast levels (no dense expert, the
+  model's slots, gates and keys, every slot masked) inserted before the slowest level, which
+  keeps its MLP and stays last. A level with no live slot and no dense expert adds exactly
+  nothing to the residual stream, so the function is unchanged. Returns ``(params, cfg)``."""
+  extra = _added("model_levels", n_levels, cfg.n_levels, "CMS levels")
+  if extra == 0:
+    return params, cfg
+  if cfg.n_slots == 0:
+    raise ValueError("an added CMS level holds only slots: model_levels needs model_slots > 0")
+  at = cfg.n_levels - 1
+
+  def ins(xs, v):
+    return tuple(xs[:at]) + (v,) * extra + tuple(xs[at:])
+
+  new = dataclasses.replace(cfg, d_ff=ins(cfg.d_ff, 0), n_experts=ins(cfg.n_experts, 1),
+                            chunk_sizes=ins(cfg.chunk_sizes, cfg.chunk_sizes[max(at - 1, 0)]))
+  old = [params["layers"][T.level_name(j)] for j in range(cfg.n_levels)]
+  # Fresh levels as ``init`` draws them (random A and gate U, zero B, router and gate v), from
+  # a key of their own so that the existing levels' parameters keep their bits.
+  fresh = [T.init_level(jax.random.fold_in(jax.random.key(2), j), new, j)
+           for j in range(at, at + extra)]
+  layers = {k: v for k, v in params["layers"].items() if not k.startswith("cms_")}
+  for j, lvl in enumerate(old[:at] + fresh + old[at:]):
+    layers[T.level_name(j)] = lvl
+  out = {**params, "layers": layers}
+  if "slot_keys" in params:  # the added levels' slots hold no names
+    sk = params["slot_keys"]
+    out["slot_keys"] = jnp.concatenate(
+        [sk[:at], jnp.full((extra,) + sk.shape[1:], slot_keys.NO_KEY, sk.dtype), sk[at:]])
+  return out, new
 
 
 def slot_trainable_mask(params, level: int, slot: int):

@@ -260,7 +260,7 @@ _TRIAL_STATIC = ("cfg", "inner_steps", "optimizer", "task_score_fn", "sft_contex
 def run_trials(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_batch, *,
                inner_steps: int, inner_lr, optimizer: str = "adam", lora_scale=1.0, margin=0.0,
                task_score_fn: Callable = task_log_likelihood,
-               sft_context: str = "prompt", parallel: int = 0, task_masks=None,
+               sft_context: str = "prompt", parallel: int = 0, task_rows=None, task_masks=None,
                groups=None) -> TrialOutput:
   """All isolated trials at once: ``phi_i = SFT^{inner_steps}(phi_0; d_i)``, ``tau_i = tau(phi_i)``.
 
@@ -269,9 +269,12 @@ def run_trials(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_
   the frozen base is shared, not copied per dream (``parallel``: dreams per vmap). Rewards:
   ``r_i = 1[tau_i > tau(base) + margin]`` with ``tau(base)`` the model without adapter.
 
-  ``task_masks`` (G, B, T) and ``groups`` (n,): dream i is scored on the completion tokens
-  ``task_masks[groups[i]]`` only (e.g. the tau questions about its own passage), against the
-  base's score on the same tokens; ``base_score`` is then per dream (n,).
+  ``task_rows`` (G, R), ``task_masks`` (G, R, T) and ``groups`` (n,): dream i is scored on the
+  rows ``task_rows[g]`` of ``task_batch`` with completion tokens ``task_masks[g]``, g =
+  ``groups[i]`` (e.g. the tau questions about its own passage: ``dreaming.passage_masks``),
+  against the base's score on the same tokens; ``base_score`` is then per dream (n,). A trial
+  reads its group's rows alone: with one group per passage, a passage's 12 questions instead of
+  every passage's.
   """
   fn = functools.partial(_trial, inner_steps=inner_steps, optimizer=optimizer,
                          task_score_fn=task_score_fn, sft_context=sft_context)
@@ -281,12 +284,16 @@ def run_trials(params, cfg: ModelConfig, slot_mask, lora0, dreams: Dreams, task_
     adapted, scores = _per_dream(one, dreams, parallel)
     base = task_score_fn(params, None, cfg, slot_mask, task_batch, lora_scale=lora_scale)
     return TrialOutput(adapted, scores, base, rewards_from_scores(scores, base, margin))
-  with_mask = lambda m: {**task_batch, "completion_mask": m}
-  one = lambda t, v, c, g: fn(params, cfg, slot_mask, lora0, t, v, c,
-                              with_mask(task_masks[g]), inner_lr, lora_scale)
+  def group_batch(g):
+    return {**jax.tree.map(lambda x: x[task_rows[g]], task_batch),
+            "completion_mask": task_masks[g]}
+
+  one = lambda t, v, c, g: fn(params, cfg, slot_mask, lora0, t, v, c, group_batch(g), inner_lr,
+                              lora_scale)
   adapted, scores = _per_dream(one, dreams, parallel, groups)
-  base = jax.vmap(lambda m: task_score_fn(params, None, cfg, slot_mask, with_mask(m),
-                                          lora_scale=lora_scale))(task_masks)[groups]
+  base = jax.vmap(lambda g: task_score_fn(params, None, cfg, slot_mask, group_batch(g),
+                                          lora_scale=lora_scale))(
+                                              jnp.arange(task_rows.shape[0]))[groups]
   return TrialOutput(adapted, scores, base, rewards_from_scores(scores, base, margin))
 
 

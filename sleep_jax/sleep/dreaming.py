@@ -321,17 +321,25 @@ def m_step_rows(kept: Dreams, rewards, cfg: ModelConfig) -> Tuple[Dreams, jax.Ar
 
 
 def passage_masks(task_batch, row_group, prompt_group, dream_prompt) -> Dict[str, jax.Array]:
-  """``run_trials``' ``task_masks`` / ``groups``: group g's mask keeps tau's completion tokens of
-  the rows in group g (``row_group``); a dream from prompt p is in group ``prompt_group[p]``; an
-  offered candidate (prompt -1) in an extra group of every row."""
+  """``run_trials``' ``task_rows`` / ``task_masks`` / ``groups``: group g holds the rows of tau in
+  group g (``row_group``) and their completion tokens, padded to the largest group with rows
+  whose mask is empty; a dream from prompt p is in group ``prompt_group[p]``; an offered
+  candidate (prompt -1) in an extra group of every row (only when there is one)."""
   cm = np.asarray(task_batch["completion_mask"], bool)
   row_group, prompt_group = np.asarray(row_group), np.asarray(prompt_group)
   G = int(max(row_group.max(initial=-1), prompt_group.max(initial=-1))) + 1
-  masks = cm[None] & (row_group[None, :, None] == np.arange(G)[:, None, None])
-  masks = np.concatenate([masks, cm[None]])  # group G: every row
   groups = np.where(np.asarray(dream_prompt) >= 0,
                     prompt_group[np.maximum(np.asarray(dream_prompt), 0)], G)
-  return {"task_masks": jnp.asarray(masks), "groups": jnp.asarray(groups, jnp.int32)}
+  members = [np.flatnonzero(row_group == g) for g in range(G)]
+  if np.any(groups == G):
+    members.append(np.arange(len(row_group)))
+  R = max([1] + [len(m) for m in members])
+  rows = np.zeros((len(members), R), np.int32)
+  masks = np.zeros((len(members), R) + cm.shape[1:], bool)
+  for g, m in enumerate(members):
+    rows[g, :len(m)], masks[g, :len(m)] = m, cm[m]
+  return {"task_rows": jnp.asarray(rows), "task_masks": jnp.asarray(masks),
+          "groups": jnp.asarray(groups, jnp.int32)}
 
 
 def _empty_result(generator) -> DreamResult:

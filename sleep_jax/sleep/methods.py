@@ -91,6 +91,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "sleep_l1": Method("sleep", consolidation=_SLEEP, levels=1),
     "sleep_l2": Method("sleep", consolidation=_SLEEP, levels=2),
     "sleep_l4": Method("sleep", consolidation=_SLEEP, levels=4),
+    # Sleep (dreaming included) over n memory levels (the paper's Table 3 "2 levels" and "4
+    # levels"): the first n entries of ``sleep_every``; 1 = every sleep stays in the fast level.
+    "sleep_1_level": Method("sleep", consolidation=_SLEEP, dreaming=_NONE, levels=1),
+    "sleep_2_levels": Method("sleep", consolidation=_SLEEP, dreaming=_NONE, levels=2),
+    "sleep_4_levels": Method("sleep", consolidation=_SLEEP, dreaming=_NONE, levels=4),
     # Reasoning with verifiable rewards: GRPO on the wake questions, rewarded by the checker.
     "grpo": Method("grpo"),
     # Sleep whose dreaming is dream simulation only (``dreaming.simulate``) vs without it.
@@ -120,6 +125,9 @@ ONE_LINE = {
     "sleep_l1": "Sleep with 1 memory level",
     "sleep_l2": "Sleep with 2 memory levels",
     "sleep_l4": "Sleep with 4 memory levels",
+    "sleep_1_level": "Sleep (with dreaming) keeping every sleep in the fast memory level",
+    "sleep_2_levels": "Sleep (with dreaming) with 2 memory levels",
+    "sleep_4_levels": "Sleep (with dreaming) with 4 memory levels",
     "grpo": "GRPO on the wake questions with the checker's reward (every parameter)",
     "sleep_no_simulation": "Sleep whose dreaming writes no checkable environments",
 }

@@ -42,6 +42,10 @@ def _with_slots(config, params, cfg):
   params, cfg = growth.allocate_slots(params, cfg, n) if n else (params, cfg)
   # ``model_gate_hidden`` > 0: every slot's gate gets a hidden layer (silent until trained).
   params, cfg = growth.add_slot_gates(params, cfg, int(config.get("model_gate_hidden", 0)))
+  # ``model_levels`` > the model's own: slots-only fast levels before the slowest (Sleep with
+  # more memory levels, ``sleep_every``); empty, so the function is unchanged.
+  n_levels = int(config.get("model_levels", 0))
+  params, cfg = growth.add_levels(params, cfg, n_levels) if n_levels else (params, cfg)
   if config.get("model_gate_sticky", False):  # a gate that opened on a name stays open
     cfg = dataclasses.replace(cfg, slot_gate_sticky=True)
   # ``model_slot_keys`` > 0: each slot holds that many entity names (``model_slot_key_len``
