@@ -25,6 +25,9 @@ def test_cascade_schedule_four_levels():
   assert _due(sched, 8) == {1: [1], 3: [1, 2], 5: [1], 7: [1, 2, 3]}
   assert M.sleep_schedule(every, M.get("sleep_l2"), 4) == (1, 2)
   assert M.sleep_schedule(every, M.get("sleep_l1"), 4) == (1,)
+  for n in (1, 2, 4):  # the same truncation for Sleep with dreaming (knowledge.py:table3_levels)
+    name = f"sleep_{n}_level{'s' if n > 1 else ''}"
+    assert M.sleep_schedule(every, M.get(name), 4) == every[:n] and M.get(name).dreaming == {}
   assert _due((1,), 8) == {}
   assert M.sleep_schedule(every, M.get("sleep_l4"), n_levels=2) == (1, 2)
 

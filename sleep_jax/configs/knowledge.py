@@ -7,7 +7,7 @@ Variants (``--config=...knowledge.py:VARIANT``):
 * ``default``  the README's main job: every main method and ``sft_selfgen``, one seed, on the
                shipped base that recalls its own facts; no method gets the task's questions
                (Sleep's dreams are its study questions), and each sleep's slots are keyed on
-               its chunk's names (model/slot_keys.py); about 9 minutes on 2 CPU cores;
+               its chunk's names (model/slot_keys.py); about 8 minutes on 2 CPU cores;
 * ``questions`` the main job before the twentieth session: the task's training questions go to
                every method, slots routed by a trained gate with anchors and replay;
 * ``written``  ``questions`` with none of the task's questions given to any method: consolidation
@@ -45,7 +45,7 @@ from sleep_jax.sleep import consolidation, dreaming
 from sleep_jax.tasks import pretrain
 
 HELP = {
-    "default": "the README's main job: written dreams, keyed slots, every main method (~9 min)",
+    "default": "the README's main job: written dreams, keyed slots, every main method (~8 min)",
     "questions": "the main job before: the task's questions to every method, a trained gate",
     "base_r": "the first wave's main job: base R, one slot per sleep (~4 min)",
     "full": "every method and ablation, 3 seeds, 5 chunks",
