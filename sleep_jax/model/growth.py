@@ -175,7 +175,7 @@ def add_levels(params, cfg: ModelConfig, n_levels: int):
   old = [params["layers"][T.level_name(j)] for j in range(cfg.n_levels)]
   # Fresh levels as ``init`` draws them (random A and gate U, zero B, router and gate v), from
   # a key of their own so that the existing levels' parameters keep their bits.
-  fresh = [T.init_level(jax.random.fold_in(jax.random.key(2), j), new, j)
+  fresh = [T.init(jax.random.fold_in(jax.random.key(2), j), new, level=j)
            for j in range(at, at + extra)]
   layers = {k: v for k, v in params["layers"].items() if not k.startswith("cms_")}
   for j, lvl in enumerate(old[:at] + fresh + old[at:]):

@@ -104,9 +104,16 @@ def param_shapes(cfg: ModelConfig):
   return jax.tree.map(lambda e: jax.ShapeDtypeStruct(e[0], dt), _param_table(cfg), is_leaf=_is_leaf)
 
 
-def _init_table(rng: jax.Array, table, dt):
+def init(rng: jax.Array, cfg: ModelConfig, level: Optional[int] = None) -> Params:
+  """Random parameters. Jit it with ``out_shardings`` to initialise directly on a mesh.
+  ``level`` j: CMS level j's alone (``params["layers"][level_name(j)]``; every slot's B and
+  router column are zero, so a masked level without a dense expert adds nothing)."""
+  table = _param_table(cfg)
+  if level is not None:
+    table = table["layers"][level_name(level)]
   leaves, treedef = jax.tree.flatten(table, is_leaf=_is_leaf)
   keys = jax.random.split(rng, len(leaves))
+  dt = jnp.dtype(cfg.param_dtype)
 
   def make(key, entry):
     shape, _, (kind, *args) = entry
@@ -119,19 +126,6 @@ def _init_table(rng: jax.Array, table, dt):
     return jnp.zeros(shape, dt)
 
   return jax.tree.unflatten(treedef, [make(k, e) for k, e in zip(keys, leaves)])
-
-
-def init(rng: jax.Array, cfg: ModelConfig) -> Params:
-  """Random parameters. Jit it with ``out_shardings`` to initialise directly on a mesh."""
-  return _init_table(rng, _param_table(cfg), jnp.dtype(cfg.param_dtype))
-
-
-def init_level(rng: jax.Array, cfg: ModelConfig, j: int) -> Params:
-  """Random parameters of CMS level j alone (``params["layers"][level_name(j)]``), drawn as
-  ``init`` draws a level: every slot B and router column zero, so with every slot masked a
-  level without a dense expert adds exactly nothing."""
-  return _init_table(rng, _param_table(cfg)["layers"][level_name(j)],
-                     jnp.dtype(cfg.param_dtype))
 
 
 def slot_mask_none(cfg: ModelConfig) -> jax.Array:
