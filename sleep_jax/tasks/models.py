@@ -37,7 +37,8 @@ def base_recipe(config) -> pretrain.PretrainConfig:
 def _with_slots(config, params, cfg):
   """``config.model_slots`` > 0: that many pre-allocated (masked) slots per CMS level, so sleeps
   that unlock several slots each fit in the stream; ``config.model_gate_hidden`` > 0: gates with
-  a hidden layer. The base's function is unchanged."""
+  a hidden layer; ``config.model_levels``: more (slots-only) CMS levels; ``model_slot_keys``:
+  entity-keyed slots. The base's function is unchanged."""
   n = int(config.get("model_slots", 0))
   params, cfg = growth.allocate_slots(params, cfg, n) if n else (params, cfg)
   # ``model_gate_hidden`` > 0: every slot's gate gets a hidden layer (silent until trained).
