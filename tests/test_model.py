@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_jax.model import config, lora, sampler, transformer as T
+from sleep_jax.model import config, layer_layout, lora, sampler, transformer as T
 
 CFG = config.tiny(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(0, 128),
                   n_experts=(1, 2), n_slots=3, slot_rank=8)
@@ -181,6 +181,53 @@ def test_random_expert_changes_outputs_only_when_on(params):
   on, _ = T.apply(params, toks, CFG, valid=valid, slot_mask=mask, route_rng=jax.random.key(0))
   np.testing.assert_array_equal(off1, off2)
   assert float(jnp.max(jnp.abs(on - off1))) > 1e-4  # 2 experts, top-1: the extra one runs
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_per_layer_layout_is_bit_identical_to_the_scan(params, sticky):
+  """The decode layout (per-layer weights and caches, ``layer_layout.py``) gives the scan's
+  logits, gates and cache to the bit, with random experts and LoRA on."""
+  cfg = dataclasses.replace(CFG, slot_gate_sticky=sticky)
+  toks, valid = _mixed_batch()
+  mask = jnp.array([[True, False, True], [False, True, False]])
+  lo = lora.init(jax.random.key(3), cfg, rank=2)
+  lo = jax.tree.map(lambda a: a + 0.05, lo)  # B != 0: the adapter changes the outputs
+
+  def decode(p, per_layer):
+    cache, outs = T.init_cache(cfg, toks.shape[0], toks.shape[1]), []
+    for start, stop in ((0, 9), (9, 10), (10, 11)):
+      if per_layer and start:
+        cache = layer_layout.per_layer_cache(cache)
+      out, cache, gates = T.apply(p if not (per_layer and start) else layer_layout.per_layer(p),
+                                  toks[:, start:stop], cfg, valid=valid[:, start:stop],
+                                  slot_mask=mask, cache=cache, lora=lo, return_gates=True,
+                                  route_rng=jax.random.key(stop))
+      outs.append((out, gates))
+    return outs, {k: jnp.stack(v) if isinstance(v, tuple) else v for k, v in cache.items()}
+
+  f = jax.jit(decode, static_argnums=1)
+  (ref, ref_cache), (new, new_cache) = f(params, False), f(params, True)
+  jax.tree.map(np.testing.assert_array_equal, ref, new)
+  jax.tree.map(np.testing.assert_array_equal, ref_cache, new_cache)
+
+
+def test_sampler_decodes_as_the_scan_did(params, monkeypatch):
+  """The sampler's tokens and log-probs with the per-layer decode equal those of the stacked
+  scan (the layout change turned off), to the bit, greedy and sampled."""
+  toks, valid = _mixed_batch()
+  kw = dict(cfg=CFG, max_new_tokens=7, slot_mask=jnp.ones((2, 3), bool), random_expert=True)
+  run = lambda: [sampler.sample(params, toks, valid, jax.random.key(5), greedy=g, **kw)
+                 for g in (True, False)]
+  new = run()
+  with monkeypatch.context() as m:
+    m.setattr(layer_layout, "per_layer", lambda p: p)
+    m.setattr(layer_layout, "per_layer_cache", lambda c: c)
+    jax.clear_caches()  # jit would reuse the trace made with the per-layer decode
+    ref = run()
+  jax.clear_caches()
+  for a, b in zip(ref, new):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 
 def test_sampler_logprobs_match_apply(params):

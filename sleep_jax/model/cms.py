@@ -59,7 +59,7 @@ def _lora_delta(x, lora, name, scale, expert_axis=False):
 def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None, lora_scale=1.0):
   """Routed SwiGLU experts. p: wi_gate/wi_up (E, d, F), wo (E, F, d), expert_router (d, E); a
   single always-on expert comes without its expert axis, (d, F) and (F, d)
-  (``transformer._squeeze_single_experts``)."""
+  (``layer_layout.squeeze_single_experts``)."""
   if p["wi_gate"].ndim == 2:
     g = x @ p["wi_gate"] + _lora_delta(x, lora, "gate", lora_scale)
     u = x @ p["wi_up"] + _lora_delta(x, lora, "up", lora_scale)

@@ -5,7 +5,7 @@ optional Llama-3.1 frequency scaling), grouped-query attention (optional Qwen2-s
 projection biases and Qwen3-style per-head q/k RMSNorms, both before RoPE), and per layer a chain
 of CMS MLP levels (``cms.py``) each added to the residual stream. Layers are stacked along a
 leading "layers" axis and run with ``lax.scan`` so a 30-layer model compiles as fast as a 2-layer
-one.
+one; the sampler's decode loop runs them one by one over per-layer buffers (``layer_layout.py``).
 
 Every parameter has logical axis names (``param_axes``); activations are constrained by logical
 names too, so sharding is the rules table in ``parallel/mesh.py``.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_jax.model import cms, slot_keys
+from sleep_jax.model import cms, layer_layout, slot_keys
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.parallel.logical import constrain
 
@@ -197,7 +197,7 @@ def _lora_proj(x, w, lora, name, scale):
 def _check_attn_extras(params, cfg: ModelConfig):
   """The optional attention params are present exactly when the config asks for them (a params
   pytree from another config, e.g. a growth op that does not carry them, fails loudly here)."""
-  layers = params["layers"]
+  layers = params["layers"][0] if layer_layout.is_per_layer(params) else params["layers"]
   for flag, names in ATTN_EXTRAS.items():
     have = [n for n in names if n in layers]
     if getattr(cfg, flag) and len(have) != len(names):
@@ -340,14 +340,16 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
   elif cfg.remat == "dots":
     layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
-  xs = {"p": _squeeze_single_experts(params["layers"])}
+  per_layer = layer_layout.is_per_layer(params)  # the sampler's decode layout
+  xs = {"p": params["layers"] if per_layer else
+        layer_layout.squeeze_single_experts(params["layers"])}
   if cache is not None:
     xs["kv"] = {k: cache[k] for k in ("k", "v", "gate_max") if k in cache}
   if route_rng is not None:
     xs["rng"] = jax.random.split(route_rng, cfg.n_layers)
   if lora is not None:
     xs["lora"] = lora
-  h, new_kv = jax.lax.scan(layer, x, xs)
+  h, new_kv = (layer_layout.run_layers if per_layer else jax.lax.scan)(layer, x, xs)
   gates = None
   if return_gates:
     new_kv, gates = new_kv
@@ -363,18 +365,6 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     if key_carry is not None:
       new_cache["key_hist"], new_cache["key_on"] = key_carry
   return (out, new_cache, gates) if return_gates else (out, new_cache)
-
-
-def _squeeze_single_experts(layers):
-  """The stacked layers with a single dense expert's (L, 1, ...) weights as (L, ...) (a bitcast).
-
-  Indexing the expert inside the layer scan made a new array per layer that the backward pass
-  then stored, stacked, next to the weights themselves (3 x 106 MB per SmolLM2 train step)."""
-  def squeeze(lvl):
-    if "wi_gate" not in lvl or lvl["wi_gate"].shape[1] != 1:
-      return lvl
-    return {**lvl, **{k: lvl[k][:, 0] for k in ("wi_gate", "wi_up", "wo")}}
-  return {k: squeeze(v) if k.startswith("cms_") else v for k, v in layers.items()}
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
