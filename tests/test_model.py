@@ -212,20 +212,21 @@ def test_per_layer_layout_is_bit_identical_to_the_scan(params, sticky):
 
 
 def test_sampler_decodes_as_the_scan_did(params, monkeypatch):
-  """The sampler's tokens and log-probs with the per-layer decode equal those of the stacked
-  scan (the layout change turned off), to the bit, greedy and sampled."""
+  """The sampler's tokens and log-probs with the per-layer decode (forced on this small model)
+  equal those of the stacked scan, to the bit, greedy and sampled."""
   toks, valid = _mixed_batch()
   kw = dict(cfg=CFG, max_new_tokens=7, slot_mask=jnp.ones((2, 3), bool), random_expert=True)
   statics = ("cfg", "max_new_tokens", "greedy", "random_expert")
   run = lambda fn: [fn(params, toks, valid, jax.random.key(5), greedy=g, **kw)
                     for g in (True, False)]
-  new = run(sampler.sample)
-  monkeypatch.setattr(layer_layout, "per_layer", lambda p: p)
-  monkeypatch.setattr(layer_layout, "per_layer_cache", lambda c: c)
+  cache = T.init_cache(CFG, 3, 19)
+  assert layer_layout.for_decode(params, cache)[0] is params  # small: the scan
+  ref = run(sampler.sample)
+  monkeypatch.setattr(layer_layout, "PER_LAYER_MIN_BYTES", 0)
+  assert layer_layout.is_per_layer(layer_layout.for_decode(params, cache)[0])
   # A function of its own, so that jit traces the body again (the sampler's own jit would
-  # reuse its trace with the per-layer decode).
-  scan = jax.jit(lambda *a, **k: sampler.sample.__wrapped__(*a, **k), static_argnames=statics)
-  ref = run(scan)
+  # reuse its trace with the scan).
+  new = run(jax.jit(lambda *a, **k: sampler.sample.__wrapped__(*a, **k), static_argnames=statics))
   for a, b in zip(ref, new):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)

@@ -10,9 +10,10 @@ cost (SmolLM2 at batch 4: the copies took more time than the matmuls, `experimen
 
 The *per-layer* layout holds each layer's weights (and each layer's KV cache) as a buffer of
 its own, in a tuple over layers, and runs the same layer function in a Python loop. The
-sampler moves to it once per call, before its decode loop (``sampler.sample``): one copy of
-the weights per call instead of one per generated token. The layer function and the values it
-reads are the same, so the logits are bit-identical (``tests/test_model.py``).
+sampler moves to it once per call, before its decode loop (``sampler.sample``; models whose
+layers hold at least ``PER_LAYER_MIN_BYTES``): one copy of the weights per call instead of one
+per generated token. The layer function and the values it reads are the same, so the logits
+are bit-identical (``tests/test_model.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import jax
 
 # Cache entries that hold one slice per layer (``transformer.init_cache``).
 PER_LAYER_CACHE = ("k", "v", "gate_max")
+# Stacked layer weights below this size keep the scan in the decode loop: their per-layer
+# copies come out of the CPU's cache and cost little, while a loop over the layers lengthens
+# every sampler compilation (the tiny models of the tests and of the world experiments; 2-4 MB).
+# SmolLM2's are 430 MB.
+PER_LAYER_MIN_BYTES = 64 << 20
 
 
 def squeeze_single_experts(layers: Dict[str, Any]) -> Dict[str, Any]:
@@ -49,6 +55,15 @@ def per_layer(params):
   layers = squeeze_single_experts(params["layers"])
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))}
+
+
+def for_decode(params, cache: Dict[str, Any]):
+  """``(params, cache)`` in the layout a decode loop should run: per-layer when the stacked
+  layer weights hold at least ``PER_LAYER_MIN_BYTES``, as they are below."""
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params["layers"]))
+  if nbytes < PER_LAYER_MIN_BYTES:
+    return params, cache
+  return per_layer(params), per_layer_cache(cache)
 
 
 def per_layer_cache(cache: Dict[str, Any]) -> Dict[str, Any]:

@@ -95,11 +95,11 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
   # vocabulary was 7 GB and 2 TFLOP for 120 dreams of 300-token prompts.
   logits, cache = fwd(prompts, valid=prompt_valid, cache=cache, route_rng=route(0),
                       logits_from=P - 1)
-  # Decode over per-layer weights and caches: the scan's per-token copy of every layer's
-  # weights is paid once here instead (``layer_layout.py``).
-  cache = layer_layout.per_layer_cache(cache)
-  fwd = functools.partial(transformer.apply, layer_layout.per_layer(params), cfg=cfg,
-                          slot_mask=slot_mask, lora=lora, lora_scale=lora_scale)
+  # Decode over per-layer weights and caches (large models): the scan's per-token copy of
+  # every layer's weights is paid once here instead (``layer_layout.py``).
+  dec_params, cache = layer_layout.for_decode(params, cache)
+  fwd = functools.partial(transformer.apply, dec_params, cfg=cfg, slot_mask=slot_mask,
+                          lora=lora, lora_scale=lora_scale)
 
   class Loop(NamedTuple):
     i: jax.Array  # number of tokens generated so far
