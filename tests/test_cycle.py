@@ -469,9 +469,10 @@ def test_sleep_over_more_levels_cascades_each_chunk_to_the_slowest_level_in_use(
   """``model_levels`` = 4 (two empty slots-only levels before the MLP level) with
   ``sleep_every`` = (1, 1, 1, 1): every sleep moves its fast level down the levels the method
   uses and prunes each source, so both chunks end in the slowest level (``sleep_2_levels``
-  stops at level 1: ``sleep_schedule``'s truncation, tests/test_long_horizon_cycle.py)."""
+  stops at level 1: ``sleep_schedule``'s truncation, tests/test_long_horizon_cycle.py).
+  ``sleep_l4`` (no dreaming) runs the schedule ``sleep_4_levels`` runs with its dreams."""
   from sleep_jax.tasks import make_setup
-  method, held = "sleep_4_levels", (0, 0, 0, 2)
+  method, held = "sleep_l4", (0, 0, 0, 2)
   c = _config(base_cache, (method,))
   c.model_levels, c.sleep_every = 4, (1, 1, 1, 1)
   c.model_slot_keys, c.model_slot_key_len = 24, 2
