@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 import jax
+import jax.numpy as jnp
 
 # Cache entries that hold one slice per layer (``transformer.init_cache``).
 PER_LAYER_CACHE = ("k", "v", "gate_max")
@@ -87,5 +88,4 @@ def run_layers(layer: Callable, x, xs: Dict[str, Any]):
   new_kv = None if kvs[0] is None else {n: tuple(k[n] for k in kvs) for n in kvs[0]}
   if not with_gates:
     return h, new_kv
-  stack = lambda *a: jax.numpy.stack(a)
-  return h, (new_kv, jax.tree.map(stack, *[y[1] for y in ys]))
+  return h, (new_kv, jax.tree.map(lambda *a: jnp.stack(a), *[y[1] for y in ys]))

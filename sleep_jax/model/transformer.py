@@ -5,7 +5,8 @@ optional Llama-3.1 frequency scaling), grouped-query attention (optional Qwen2-s
 projection biases and Qwen3-style per-head q/k RMSNorms, both before RoPE), and per layer a chain
 of CMS MLP levels (``cms.py``) each added to the residual stream. Layers are stacked along a
 leading "layers" axis and run with ``lax.scan`` so a 30-layer model compiles as fast as a 2-layer
-one; the sampler's decode loop runs them one by one over per-layer buffers (``layer_layout.py``).
+one; the sampler's decode loop runs a large model's layers one by one over per-layer buffers
+(``layer_layout.py``).
 
 Every parameter has logical axis names (``param_axes``); activations are constrained by logical
 names too, so sharding is the rules table in ``parallel/mesh.py``.
