@@ -87,8 +87,9 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
   stop = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)
   rng, route_base = jax.random.split(rng)
   route = lambda i: jax.random.fold_in(route_base, i) if random_expert else None
-  fwd = functools.partial(transformer.apply, params, cfg=cfg, slot_mask=slot_mask, lora=lora,
-                          lora_scale=lora_scale)
+  forward = lambda p: functools.partial(transformer.apply, p, cfg=cfg, slot_mask=slot_mask,
+                                        lora=lora, lora_scale=lora_scale)
+  fwd = forward(params)
 
   cache = transformer.init_cache(cfg, B, P + N)
   # Only the last prompt position's logits are used: a (B, P, V) prefill head on a 49k
@@ -98,8 +99,7 @@ def sample(params, prompts: jax.Array, prompt_valid: jax.Array, rng: jax.Array, 
   # Decode over per-layer weights and caches (large models): the scan's per-token copy of
   # every layer's weights is paid once here instead (``layer_layout.py``).
   dec_params, cache = layer_layout.for_decode(params, cache)
-  fwd = functools.partial(transformer.apply, dec_params, cfg=cfg, slot_mask=slot_mask,
-                          lora=lora, lora_scale=lora_scale)
+  fwd = forward(dec_params)
 
   class Loop(NamedTuple):
     i: jax.Array  # number of tokens generated so far
