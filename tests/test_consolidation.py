@@ -311,3 +311,40 @@ def test_teacher_completions_are_the_in_context_answers(base):
   assert comps == [[[v, kv.EOS]] * 2 for _, v in facts]
   with pytest.raises(ValueError, match="no items"):
     C.consolidate(base, mask, kv.CFG, [], [], _kcfg(), jax.random.key(0), stop_tokens=(kv.EOS,))
+
+
+def test_a_teacher_is_trusted_only_where_its_answer_checks_out(base):
+  """``verify``: items whose teacher samples all fail teach nothing but the cross-entropy term
+  (here off: every bit stays as it was); a check every sample passes changes no bit of the
+  run without one."""
+  facts = kv.facts(2)
+  t, s = _prompts(facts)
+  mask = T.slot_mask_none(kv.CFG)
+  k = _kcfg(steps=3, batch_size=4, teacher_samples=1, lam=0.5, alpha=1.0)
+  run = lambda **kw: C.consolidate(base, mask, kv.CFG, t, s, k, jax.random.key(4),
+                                   stop_tokens=(kv.EOS,), **kw)
+  plain, trusted, untrusted = run(), run(verify=lambda i, c: True), run(verify=lambda i, c: False)
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(trusted.params)):
+    np.testing.assert_array_equal(a, b)
+  assert trusted.history[-1]["teacher_verified"] == 1.0
+  assert untrusted.history[-1]["teacher_verified"] == 0.0
+  # No distillation row taught the untrusted run: its slot is as unlocking left it.
+  start = jax.tree.leaves(growth.unlock_slot(base, mask, 1, jax.random.split(
+      jax.random.key(4))[0])[0])
+  same = lambda r: all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(r.params), start))
+  assert same(untrusted) and not same(plain)
+
+
+def test_verified_dataset_keeps_the_samples_that_check_out():
+  """D keeps the samples that pass; the imitation baseline is the trusted rows' mean."""
+  from sleep_jax.sleep import teacher_trust
+  verify = teacher_trust.answer_verifier([[7, 0], [8, 0], []], lambda toks: " ".join(
+      map(str, toks)), stop_tokens=(0,), metric="em")
+  D = [[[[7, 0], [5, 0]], [[5, 0]], [[3, 0]]]]
+  kept, trusted = teacher_trust.verified_dataset(D, verify)
+  assert kept == [[[[7, 0]], [[5, 0]], [[3, 0]]]]  # item 1 keeps its failing sample, untrusted
+  assert trusted.tolist() == [[True, False, True]]  # item 2 has no answer to check
+  r = teacher_trust.masked_row_rewards([0.2, 0.9, 0.4, 0.0], np.array([True, False, True, False]))
+  np.testing.assert_allclose(r, [0.2, 0.3, 0.4, 0.3])  # the batch mean is the trusted rows'
+  np.testing.assert_array_equal(teacher_trust.masked_row_rewards([0.5, 1.0], np.zeros(2, bool)),
+                                [0.5, 1.0])

@@ -148,3 +148,23 @@ def test_reasoning_driver_runs_every_method(tmp_path):
   info = res["methods"]["sleep"]["seeds"]["0"]["info"]
   assert all("envs_proposed" in i for i in info)
   assert "grpo_reward_first_round" in res["methods"]["grpo"]["seeds"]["0"]["info"][0]
+
+
+def test_the_verified_teacher_checks_a_sample_by_its_final_answer():
+  """``reasoning.py:verified``: a teacher sample is trusted when its final answer is the
+  reference solution's, by the experiment's own metric."""
+  from sleep_jax.data.documents import WorldFormat
+  from sleep_jax.sleep import teacher_trust
+  c = reasoning_config.get_config("verified")
+  assert c.consolidation.verify_teacher and not reasoning_config.get_config(
+      "replay").consolidation.verify_teacher
+  tok = arith_corpus.tokenizer()
+  stop = WorldFormat(tok).stop_ids
+  p = arith.problems(0, 3, 1, "stream")[0]
+  gold = tok.encode(p.solution) + list(stop)
+  verify = teacher_trust.answer_verifier([gold, []], tok.decode, stop, c.eval.metric)
+  value = arith.evaluate(p.program)
+  wrong = p.solution.replace(f"Answer: {value}", f"Answer: {value + 1}")
+  assert wrong != p.solution
+  assert verify(0, gold) is True and verify(0, tok.encode(p.solution)) is True
+  assert verify(0, tok.encode(wrong)) is False and verify(1, gold) is None

@@ -17,6 +17,9 @@ Variants (``--config=...reasoning.py:VARIANT``):
 * ``seeds``   the same with 3 seeds;
 * ``replay``  the same 3 seeds, and every sleep (and SFT, GRPO) re-studies the earlier level's
               problems next to the new ones (``consolidation.replay_fraction`` 1);
+* ``verified`` replay, and the OPSD / Sleep teacher is trusted only on the problems where its
+              answer checks out (``consolidation.verify_teacher``; elsewhere only the
+              cross-entropy on the reference solution teaches);
 * ``gated``   replay, where a sleep's new slot keeps the earlier level's problems as anchors
               (answered as the model woke up) and its trained gate stays shut on them;
 * ``smollm2_base`` SmolLM2-135M-Instruct's own pass rate per level (greedy and avg@4): pick the
@@ -38,6 +41,7 @@ METHODS = ("base", "sft_questions", "grpo", "opsd", "opsd_expansion", "sleep_no_
 HELP = {"default": "the tiny arithmetic base, every method, 1 seed (CPU)",
         "seeds": "the same with 3 seeds",
         "replay": "3 seeds, every learner re-studies the earlier level's problems",
+        "verified": "replay; the teacher is trusted only where the checker verifies its answer",
         "gated": "replay; the earlier level's problems are anchors a slot's gate stays shut on",
         "smollm2_base": "SmolLM2-135M-Instruct's own pass rate per level (CPU, minutes)",
         "smollm2": "every method on SmolLM2-135M-Instruct (GPU-sized)",
@@ -120,11 +124,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     pass
   elif variant == "seeds":
     c.seeds = (0, 1, 2)
-  elif variant in ("replay", "gated"):
+  elif variant in ("replay", "verified", "gated"):
     # Level 4's sleep re-studies as many level-3 problems as it has new ones, at the same
     # steps (half the new problems' exposures): the loss of the earlier level was the loss.
     c.seeds = (0, 1, 2)
     k.replay_fraction = 1.0
+    # The teacher reading the worked solution solves all of level 3's training problems and
+    # half of level 4's (scripts/reasoning_teacher.py): distil only where it is right.
+    k.verify_teacher = variant == "verified"
     if variant == "gated":
       # The new slot is on for every problem, so level 4's slot rewrote level 3's answers
       # (README: expansion is what costs the earlier level). Here the replayed level-3

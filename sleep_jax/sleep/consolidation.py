@@ -42,7 +42,7 @@ from sleep_jax.losses import rewards as rewards_lib
 from sleep_jax.losses.registry import build_loss, get_divergence
 from sleep_jax.model import growth, sampler, slot_keys, transformer
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.sleep import consolidation_config
+from sleep_jax.sleep import consolidation_config, teacher_trust
 from sleep_jax.train import fit as fit_lib
 from sleep_jax.train import optimizer as opt_lib
 from sleep_jax.train import state as state_lib
@@ -151,7 +151,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
                    on_step: Optional[Callable[[int, dict], None]] = None,
                    dataset: Optional[Sequence[Sequence[int]]] = None,
                    golds: Optional[Sequence[Sequence[int]]] = None,
-                   gate_targets: Optional[Sequence[float]] = None) -> tuple:
+                   gate_targets: Optional[Sequence[float]] = None,
+                   verify: Optional[teacher_trust.Verifier] = None) -> tuple:
   """General Knowledge Seeding: distil ``teachers`` into ``student`` with the KS objective.
 
   Step ``i`` uses teacher ``i mod len(teachers)`` (several smaller models seed one larger one).
@@ -160,6 +161,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   teacher samples; the teachers still give the soft targets on it. ``golds``: one supported
   answer per item (``completion + stop``; empty: none) for the cross-entropy term
   (``kcfg.ce_weight > 0``). ``gate_targets``: per item 1 (new) or 0 (anchor), gate term.
+  ``verify``: the teacher is trusted only on the items where one of its samples passes this
+  check (``teacher_trust.py``); elsewhere only the cross-entropy term teaches.
 
   Returns ``(params, history)``: the student's trained parameters and per-step metrics.
   """
@@ -218,6 +221,9 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   for t, (teacher, t_len) in enumerate(zip(teachers, t_lens) if dataset is None else ()):
     D.append(teacher_completions(teacher, kcfg, d_rng, stop_tokens=stop_tokens, pad_id=pad_id,
                                  width=t_len, offset=t * 1_000_003))
+  trusted = None
+  if verify is not None:
+    D, trusted = teacher_trust.verified_dataset(D, verify)
 
   # 2. Optimisation state: only ``student.trainable`` changes.
   # The step donates its state; the student's frozen arrays may be the teacher's own buffers
@@ -239,16 +245,18 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       live[r, :len(c)] = True
     return jnp.asarray(toks), jnp.asarray(live)
 
-  def side(prefix, t_idx, teacher_prompts, student_prompts, comp_toks, comp_live):
-    """Student sequences + the teacher's logits on their completions, for one batch."""
+  def side(prefix, t_idx, teacher_prompts, student_prompts, comp_toks, comp_live, rows):
+    """Student sequences + the teacher's logits on their completions, for one batch. ``rows``:
+    the batch's items; the completions of those the teacher is not trusted on enter no term."""
     teacher, t_len = teachers[t_idx], t_lens[t_idx]
     tt, tv = _pad_left(teacher_prompts, t_len, pad_id)
     st_, sv = _pad_left(student_prompts, s_len, pad_id)
     t_tokens = jnp.concatenate([tt, comp_toks], 1)
     t_valid = jnp.concatenate([tv, comp_live], 1)
+    scored = comp_live if trusted is None else comp_live & trusted[t_idx][rows][:, None]
     return {f"{prefix}_tokens": jnp.concatenate([st_, comp_toks], 1),
             f"{prefix}_valid": jnp.concatenate([sv, comp_live], 1),
-            f"{prefix}_completion_mask": jnp.concatenate([jnp.zeros_like(sv), comp_live], 1),
+            f"{prefix}_completion_mask": jnp.concatenate([jnp.zeros_like(sv), scored], 1),
             f"{prefix}_teacher_logits": completion_logits(
                 teacher.params, t_tokens, t_valid, teacher.slot_mask, teacher.cfg, t_len)}
 
@@ -263,7 +271,7 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
     if need_off:
       ct, cl = completion_arrays(picks)
       batch.update(side("off", t_idx, [teacher.prompts[k] for k in items],
-                        [student.prompts[k] for k in items], ct, cl))
+                        [student.prompts[k] for k in items], ct, cl, items))
     if need_on:
       # LTI: the student continues a random prefix of a teacher sample; with imitation off the
       # prefix is empty and these are plain on-policy samples.
@@ -273,13 +281,15 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       out = sample(st.params, student.cfg, student.slot_mask, s_prompts, s_len,
                    jax.random.fold_in(rng, 1_000_000 + i), float(kcfg.sample_temperature))
       ct, cl = out.tokens[:, s_len:], out.completion_mask[:, s_len:]
-      batch.update(side("on", t_idx, t_prompts, s_prompts, ct, cl))
+      batch.update(side("on", t_idx, t_prompts, s_prompts, ct, cl, items))
       if need_pg:
         preds = rewards_lib.masked_token_lists(ct, cl)
         refs = [d[c:] for d, c in zip(picks, cuts)]
         r = rewards_lib.lti_rewards(preds, refs, gamma=float(kcfg.gamma),
                                     z0=float(kcfg.z0) if kcfg.z0 > 0 else None, judge=judge,
                                     decode=decode)
+        if trusted is not None:
+          r = teacher_trust.masked_row_rewards(r, trusted[t_idx][items])
         batch["on_rewards"] = jnp.asarray(r, jnp.float32)
     if ce_weight > 0:
       st_, sv = _pad_left([student.prompts[k] for k in items], s_len, pad_id)
@@ -298,6 +308,8 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
   def record(i, st, metrics):
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["step"] = i
+    if trusted is not None:  # the share of items whose teacher answer checks out
+      metrics["teacher_verified"] = float(trusted.mean())
     history.append(metrics)
     if on_step is not None:
       on_step(i, metrics)

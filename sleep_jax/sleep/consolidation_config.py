@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
   # beta: weight of the student's cross-entropy on answers the source supports (a document's
   # gold answer to each wake question; 0: pure distillation, capped by the teacher's errors).
   c.ce_weight = 0.0
+  # True: the teacher is trusted only on items where one of its samples checks out against the
+  # supported answer (``eval.metric``); elsewhere only the ce_weight term teaches
+  # (``teacher_trust.py``).
+  c.verify_teacher = False
   # Anchor prompts (``Setup.anchor_prompts``) mixed into the items: the student matches the model
   # as it woke up on them (same prompt both sides), so unrelated behaviour stays the base's.
   c.anchor_prompts = 0

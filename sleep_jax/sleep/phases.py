@@ -20,7 +20,7 @@ import numpy as np
 
 from sleep_jax.eval import answers
 from sleep_jax.model import growth, slot_keys
-from sleep_jax.sleep import consolidation, consolidation_config, dream_qa, dreaming
+from sleep_jax.sleep import consolidation, consolidation_config, dream_qa, dreaming, teacher_trust
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.memory import Episode
 from sleep_jax.sleep.sleep_state import SleepState
@@ -102,11 +102,15 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase,
     # The frozen judge is the model as it woke up (before this sleep changed anything).
     judge = ModelJudge(st.params, ctx.setup.cfg, ctx.setup.tok.encode, slot_mask=st.slot_mask,
                        pad_id=ctx.setup.tok.pad_id)
+  verify = None
+  if kcfg.get("verify_teacher", False) and golds is not None:
+    verify = teacher_trust.answer_verifier(golds, ctx.setup.tok.decode, ctx.setup.fmt.stop_ids,
+                                           ctx.config.eval.metric)
   return with_progress(ctx, t, phase, int(kcfg.steps), lambda on_step: consolidation.consolidate(
       st.params, st.slot_mask, ctx.setup.cfg, teacher, student, kcfg, ctx.key(t, phase),
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
       decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds,
-      gate_targets=gate_targets, keys=keys))
+      gate_targets=gate_targets, keys=keys, verify=verify))
 
 
 def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
@@ -193,6 +197,8 @@ def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
                      keys=task_lib.entity_names(ctx.setup, ctx.setup.chunks[t]) if keyed else None)
   st.params, st.slot_mask, st.slot = res.params, res.slot_mask, res.slot
   out = {"consolidation_loss": res.history[-1].get("loss") if res.history else None}
+  if res.history and "teacher_verified" in res.history[-1]:
+    out["teacher_verified"] = res.history[-1]["teacher_verified"]
   if mode.startswith("dreams"):  # how many earlier dream questions this sleep replayed
     out["replayed_dream_questions"] = n_replayed
   bad = [i for i, h in enumerate(res.history) if not math.isfinite(h.get("loss", 0.0))]

@@ -129,6 +129,14 @@ def write_report(results, workdir) -> str:
         f"{n}: " + ", ".join(f"{k} {sum(x[k] for m, x in sim if m == n)}" for k in (
             "envs_proposed", "envs_valid", "envs_solved", "trajectories_kept",
             "dreams_accepted")) for n in dict(sim))]
+  trust = {n: np.asarray([[i.get("teacher_verified", np.nan) for i in sd["info"]]
+                          for sd in e["seeds"].values()], float)
+           for n, e in results["methods"].items()}
+  trust = {n: v for n, v in trust.items() if v.size and not np.isnan(v).all()}
+  if trust:  # consolidation.verify_teacher: the share of problems the teacher was trusted on
+    md += ["", "Training problems whose teacher answer checked out, per sleep (mean over seeds): "
+           + "; ".join(f"{n}: " + " / ".join(f"{100 * x:.0f}%" for x in np.nanmean(v, 0))
+                       for n, v in trust.items())]
   md += ["", verdict.time_table(results)]
   md += ["", "Plots (PNG and SVG): `plots/accuracy_matrices` (R per method), "
          "`plots/accuracy_over_chunks`, `plots/accuracy_vs_compute` (held-out accuracy against "
