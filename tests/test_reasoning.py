@@ -168,3 +168,9 @@ def test_the_verified_teacher_checks_a_sample_by_its_final_answer():
   assert wrong != p.solution
   assert verify(0, gold) is True and verify(0, tok.encode(p.solution)) is True
   assert verify(0, tok.encode(wrong)) is False and verify(1, gold) is None
+  from sleep_jax.errors import UserError
+  from sleep_jax.sleep import validate
+  validate.check(c)
+  c.consolidation.prompt_templates = ("{context} Q: {title}",)  # items with no answer to check
+  with pytest.raises(UserError, match="verify_teacher"):
+    validate.check(c)

@@ -57,6 +57,9 @@ def check(config) -> None:
   if not 0.0 <= float(c.consolidation.anchor_share) < 1.0:
     raise UserError(f"config.consolidation.anchor_share={c.consolidation.anchor_share} must be "
                     "in [0, 1)")
+  if c.consolidation.verify_teacher and tuple(c.consolidation.prompt_templates):
+    raise UserError("config.consolidation.verify_teacher needs the task's questions and their "
+                    "answers to check the teacher against; prompt_templates items have none")
   if c.data.source == "world" and int(c.world_chunks) < 1:
     raise UserError(f"config.world_chunks={c.world_chunks} must be >= 1")
   for key in ("data.chunk_size", "data.max_documents"):
