@@ -335,3 +335,22 @@ def test_entity_copy_writes_the_span_where_the_first_name_would_start(params):
       assert start <= 1 and comp[0, start:start + 3].tolist() == [5, 6, 7]
   lp = T.logits_to_logprobs(logits, out.tokens)
   np.testing.assert_allclose(np.asarray(lp)[:, 12:], np.asarray(out.logprobs)[:, 12:], atol=1e-5)
+
+
+def test_dense_is_the_einsum_and_refuses_mismatched_axes():
+  from sleep_jax.model.dense import dense
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(4, 2, 7)), jnp.float32)
+  np.testing.assert_allclose(dense(x, w2, contract=2), jnp.einsum("bthk,hkd->btd", x, w2),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dense(x, w1), jnp.einsum("bthk,kij->bthij", x, w1),
+                             rtol=1e-5, atol=1e-5)
+  gx, gw = jax.grad(lambda a, b: jnp.sum(jnp.sin(dense(a, b, contract=2))), (0, 1))(x, w2)
+  ex, ew = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum("bthk,hkd->btd", a, b))),
+                    (0, 1))(x, w2)
+  np.testing.assert_allclose(gx, ex, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, ew, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="do not share"):
+    dense(x, w1, contract=2)

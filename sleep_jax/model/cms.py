@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sleep_jax.model.dense import dense
 from sleep_jax.parallel.logical import constrain
 
 
@@ -52,7 +53,7 @@ def _lora_delta(x, lora, name, scale, expert_axis=False):
   """LoRA delta shared by every dense expert (broadcast over the expert axis if asked)."""
   if lora is None or name not in lora:
     return 0.0
-  d = scale * ((x @ lora[name]["a"]) @ lora[name]["b"])
+  d = scale * dense(dense(x, lora[name]["a"]), lora[name]["b"])
   return d[..., None, :] if expert_axis else d
 
 
@@ -61,11 +62,11 @@ def dense_experts(p, x, *, top_k: int, route_rng: Optional[jax.Array], lora=None
   single always-on expert comes without its expert axis, (d, F) and (F, d)
   (``layer_layout.squeeze_single_experts``)."""
   if p["wi_gate"].ndim == 2:
-    g = x @ p["wi_gate"] + _lora_delta(x, lora, "gate", lora_scale)
-    u = x @ p["wi_up"] + _lora_delta(x, lora, "up", lora_scale)
+    g = dense(x, p["wi_gate"]) + _lora_delta(x, lora, "gate", lora_scale)
+    u = dense(x, p["wi_up"]) + _lora_delta(x, lora, "up", lora_scale)
     h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
-    return h @ p["wo"] + _lora_delta(h, lora, "down", lora_scale)
-  logits = (x @ p["expert_router"]).astype(jnp.float32)
+    return dense(h, p["wo"]) + _lora_delta(h, lora, "down", lora_scale)
+  logits = dense(x, p["expert_router"]).astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   on = top_k_mask(probs, jnp.ones_like(probs, bool), top_k)
   if route_rng is not None:
@@ -89,7 +90,7 @@ def slot_logits(p, x):
   The bracketed hidden layer exists when the model has ``slot_gate_hidden`` > 0 (``slot_gate_u``
   (S, d, h), ``slot_gate_v`` (S, h): each slot's own, trained with it; random features shared
   by the slots and never trained kept fewer old facts); with v = 0 it is the linear gate."""
-  z = x @ p["slot_router"]
+  z = dense(x, p["slot_router"])
   if "slot_gate_u" in p:
     hid = jax.nn.silu(jnp.einsum("btd,sdh->btsh", x, p["slot_gate_u"]))
     z = z + jnp.einsum("btsh,sh->bts", hid, p["slot_gate_v"])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax.model import cms, layer_layout, slot_keys
+from sleep_jax.model.dense import dense
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.parallel.logical import constrain
 
@@ -188,9 +189,9 @@ def attention(q, k, v, mask):
 
 def _lora_proj(x, w, lora, name, scale):
   """x @ w for a (d, heads, hd) projection plus an optional LoRA delta."""
-  y = jnp.einsum("btd,dhk->bthk", x, w)
+  y = dense(x, w)
   if lora is not None and name in lora:
-    delta = (x @ lora[name]["a"]) @ lora[name]["b"]
+    delta = dense(dense(x, lora[name]["a"]), lora[name]["b"])
     y = y + scale * delta.reshape(y.shape)
   return y
 
@@ -306,10 +307,10 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
       new_kv = {"k": ck, "v": cv}
       k, v = ck.astype(dt), cv.astype(dt)
     att = attention(q, k, v, mask)
-    o = jnp.einsum("bthk,hkd->btd", att, p["o"].astype(dt))
+    o = dense(att, p["o"].astype(dt), contract=2)
     if lp is not None and "o" in lp:
       flat = att.reshape(att.shape[:2] + (-1,))
-      o = o + lora_scale * ((flat @ lp["o"]["a"]) @ lp["o"]["b"])
+      o = o + lora_scale * dense(dense(flat, lp["o"]["a"]), lp["o"]["b"])
     h = constrain(h + o, ("batch", "length", "embed"))
     rngs = (None,) * n_levels if rng is None else tuple(jax.random.split(rng, n_levels))
     gates, running = {}, []
@@ -371,7 +372,7 @@ def apply(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
   """The output head: final hidden states (B, T, D) -> float32 logits (B, T, V)."""
   w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  out = jnp.einsum("btd,dv->btv", h, w.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
+  out = dense(h, w.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
   return constrain(out, ("batch", "length", "vocab"))
 
 
