@@ -1,4 +1,5 @@
-"""Dense products over activations as one 2-D matmul: the model's one way to multiply by a weight.
+"""Dense products over activations as one 2-D matmul: how the model multiplies by a weight
+(the routed experts' per-expert products, batched over the expert axis, stay einsums).
 
 ``x (..., K1..Kc) @ w (K1..Kc, N...)`` is computed as ``(rows, K) @ (K, N)`` on flattened views
 and reshaped back. The value is the same product; what differs is its gradient w.r.t. ``w``.
