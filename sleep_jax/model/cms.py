@@ -92,7 +92,7 @@ def slot_logits(p, x):
   by the slots and never trained kept fewer old facts); with v = 0 it is the linear gate."""
   z = dense(x, p["slot_router"])
   if "slot_gate_u" in p:
-    hid = jax.nn.silu(jnp.einsum("btd,sdh->btsh", x, p["slot_gate_u"]))
+    hid = jax.nn.silu(dense(x, jnp.moveaxis(p["slot_gate_u"], 0, 1)))  # (B, T, S, h)
     z = z + jnp.einsum("btsh,sh->bts", hid, p["slot_gate_v"])
   return z.astype(jnp.float32)
 

@@ -1,5 +1,5 @@
 """Dense products over activations as one 2-D matmul: how the model multiplies by a weight
-(the routed experts' per-expert products, batched over the expert axis, stay einsums).
+(products batched over an expert or slot axis stay einsums).
 
 ``x (..., K1..Kc) @ w (K1..Kc, N...)`` is computed as ``(rows, K) @ (K, N)`` on flattened views
 and reshaped back. The value is the same product; what differs is its gradient w.r.t. ``w``.
@@ -9,7 +9,8 @@ of the activation's gradient, written element by element in the other order: on 
 logits' gradient (2048 x 49152) for the tied embedding and both SwiGLU gradients of every layer,
 about a fifth of a train step (bench ``train_step`` op trace). Flattened first, the same
 gradient is one product contracting the leading axis of both operands, which the CPU dot reads
-in place; GPU and TPU compilers flatten the axes themselves, so this changes nothing there.
+in place. GPU and TPU compilers pick operand layouts of their own; the change is not measured
+there (no device was lent).
 """
 
 from __future__ import annotations
