@@ -18,7 +18,7 @@ from sleep_jax.model import transformer
 from sleep_jax.model.config import tiny
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.train import optimizer as opt_lib, state as st, step as step_lib
+from sleep_jax.train import optimizer as opt_lib, state as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(32, 64),
@@ -85,12 +85,12 @@ def _run_config(steps):
 def _final_checkpoint(workdir, config):
   """(state, next batch) restored from a run's last checkpoint."""
   mesh = mesh_lib.mesh_from_config(config)
-  cfg, tx = train.build_model_and_optimizer(config)
+  cfg, tx, trainable, extras = train.build_model_and_optimizer(config)
   with mesh_lib.use_mesh(mesh):
     abstract, _ = st.abstract_train_state(
         config.seed, lambda r: transformer.init(r, cfg), tx, mesh=mesh,
-        param_shardings=mesh_lib.param_shardings(cfg, mesh),
-        extras={"slot_mask": np.zeros((cfg.n_levels, cfg.n_slots), bool)})
+        param_shardings=mesh_lib.param_shardings(cfg, mesh), trainable=trainable,
+        extras=extras)
     it = train.make_train_iterator(config, workdir, train.ByteTokenizer())
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), handle_sigterm=False)
     restored = ck.restore(abstract, data_iterator=it)

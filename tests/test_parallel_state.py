@@ -148,6 +148,41 @@ def test_frozen_parameters_keep_exact_bits_under_adamw(subset):
       np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=name)
 
 
+def test_idle_slots_frozen_trains_the_same_values_without_their_gradients():
+  """The LM job's mask (every slot masked): the slot arrays of idle levels are frozen, a level
+  with a live slot keeps its own; training with it (decay-free AdamW, CMS frequencies) ends in
+  the bits of training every array, and under weight decay the masked capacity keeps its bits."""
+  shapes = transformer.param_shapes(CFG)
+  one_live = np.zeros((CFG.n_levels, CFG.n_slots), bool)
+  one_live[1, 0] = True
+  names = lambda m: sorted(st.path_str(p) for p, v in jax.tree_util.tree_flatten_with_path(m)[0]
+                           if not v)
+  assert names(st.idle_slots_frozen(shapes, one_live)) == [
+      "layers/cms_0/slot_a", "layers/cms_0/slot_b", "layers/cms_0/slot_router"]
+  none = np.zeros_like(one_live)
+  frozen = st.idle_slots_frozen(shapes, none)
+  assert len(names(frozen)) == 6 and all("/slot_" in n for n in names(frozen))
+
+  def train(trainable, weight_decay):
+    tx = opt_lib.with_cms_frequencies(optax.adamw(1e-2, weight_decay=weight_decay), shapes,
+                                      chunk_sizes=CFG.chunk_sizes, trainable=trainable)
+    state, _ = st.create_train_state(4, _numpy_init(CFG, 4), tx, trainable=trainable,
+                                     extras={"slot_mask": none})
+    diff = None if trainable is None else st.trainable_arrays(trainable)
+    step = step_lib.make_train_step(make_lm_loss(CFG), tx, differentiate=diff)
+    for b in _batches(4, seed=2):
+      state, _ = step(state, b)
+    return state
+
+  every, idle = train(None, 0.0), train(frozen, 0.0)
+  assert len(jax.tree.leaves(idle.opt_state)) < len(jax.tree.leaves(every.opt_state))
+  for a, b in zip(jax.tree.leaves(every.params), jax.tree.leaves(idle.params)):
+    np.testing.assert_array_equal(_bits(a), _bits(b))
+  decayed = train(frozen, 0.5).params["layers"]["cms_0"]["slot_a"]
+  init = _numpy_init(CFG, 4)(None)["layers"]["cms_0"]["slot_a"]
+  np.testing.assert_array_equal(_bits(decayed), _bits(init))
+
+
 def test_cms_level_changes_only_every_chunk_by_accumulated_update():
   cfg = tiny(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=(32, 32),
              n_experts=(1, 1), n_slots=0, slot_rank=4, chunk_sizes=(4, 1), max_seq_len=32)
@@ -182,7 +217,6 @@ def test_cms_level_changes_only_every_chunk_by_accumulated_update():
 
 def test_step_uses_and_advances_state_rng():
   tx = optax.sgd(0.0)
-  seen = []
 
   def loss_fn(params, batch, rng):
     return jnp.sum(params["w"]) * 0.0, {"r": jax.random.uniform(rng)}

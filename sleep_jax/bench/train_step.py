@@ -27,16 +27,20 @@ def _train_setup(cfg, batch: int, seq: int, seed: int = 0):
   from sleep_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
   opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.95,
                                        weight_decay=0.0, grad_clip=1.0))
-  tx = opt_lib.with_cms_frequencies(opt_lib.make_optimizer(opt),
-                                      transformer.param_shapes(cfg), chunk_sizes=cfg.chunk_sizes)
-  state, _ = state_lib.create_train_state(
-      seed, lambda r: transformer.init(r, cfg), tx,
-      extras={"slot_mask": np.asarray(transformer.slot_mask_none(cfg))})
+  # As the LM job builds it: every slot masked, the slot arrays frozen (not differentiated).
+  shapes = transformer.param_shapes(cfg)
+  extras = {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
+  trainable = state_lib.idle_slots_frozen(shapes, extras["slot_mask"])
+  tx = opt_lib.with_cms_frequencies(opt_lib.make_optimizer(opt), shapes,
+                                    chunk_sizes=cfg.chunk_sizes, trainable=trainable)
+  state, _ = state_lib.create_train_state(seed, lambda r: transformer.init(r, cfg), tx,
+                                          trainable=trainable, extras=extras)
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
   data = {"tokens": tokens, "valid": jnp.ones((batch, seq), bool),
           "loss_mask": jnp.ones((batch, seq), bool)}
-  step = step_lib.make_train_step(lm_losses.make_lm_loss(cfg), tx)
+  step = step_lib.make_train_step(lm_losses.make_lm_loss(cfg), tx,
+                                  differentiate=state_lib.trainable_arrays(trainable))
   return state, data, step, lm_losses.make_lm_loss(cfg)
 
 

@@ -306,10 +306,15 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       raise ValueError(f"init_from={recipe.init_from!r}: its model config or vocabulary is not "
                        "this recipe's")
     init_params = lambda r: jax.tree.map(jnp.array, parent.params)
-  optimizer = opt_lib.with_cms_frequencies(
-      make_optimizer(recipe), transformer.param_shapes(cfg), chunk_sizes=cfg.chunk_sizes)
-  state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer)
-  step_fn = step_lib.make_train_step(loss_fn_for(cfg), optimizer)
+  # The slots stay masked while the base trains: their arrays are frozen, not differentiated.
+  shapes = transformer.param_shapes(cfg)
+  trainable = state_lib.idle_slots_frozen(shapes, transformer.slot_mask_none(cfg))
+  optimizer = opt_lib.with_cms_frequencies(make_optimizer(recipe), shapes,
+                                           chunk_sizes=cfg.chunk_sizes, trainable=trainable)
+  state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer,
+                                          trainable=trainable)
+  step_fn = step_lib.make_train_step(loss_fn_for(cfg), optimizer,
+                                     differentiate=state_lib.trainable_arrays(trainable))
   mixture = dict(recipe.mixture)
   rng = np.random.default_rng([recipe.seed, 7])
   probe, probe_train_tpl, groups = probe_sets(world, recipe.eval_people)

@@ -78,11 +78,16 @@ def make_train_iterator(config, workdir: str, tokenizer):
 
 
 def build_model_and_optimizer(config):
+  """``(model config, optimizer, trainable mask, extras)``. The job keeps every slot masked
+  (``extras["slot_mask"]``), so the slot arrays are frozen: not differentiated and without
+  optimizer state (``state_lib.idle_slots_frozen``)."""
   cfg = ModelConfig.from_config(config.model)
-  tx = opt_lib.make_optimizer(config.optimizer)
-  tx = opt_lib.with_cms_frequencies(tx, transformer.param_shapes(cfg),
-                                      chunk_sizes=cfg.chunk_sizes)
-  return cfg, tx
+  shapes = transformer.param_shapes(cfg)
+  extras = {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
+  trainable = state_lib.idle_slots_frozen(shapes, extras["slot_mask"])
+  tx = opt_lib.with_cms_frequencies(opt_lib.make_optimizer(config.optimizer), shapes,
+                                    chunk_sizes=cfg.chunk_sizes, trainable=trainable)
+  return cfg, tx, trainable, extras
 
 
 def greedy_samples(params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
@@ -129,15 +134,15 @@ def _run(config, workdir: str, mesh, hooks: Sequence[Hook]) -> Dict[str, Any]:
   train_iter = make_train_iterator(config, workdir, tokenizer)
 
   # --- Model, optimizer, state shapes ---------------------------------------------------------
-  cfg, tx = build_model_and_optimizer(config)
+  cfg, tx, trainable, extras = build_model_and_optimizer(config)
   if cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={cfg.vocab_size} < tokenizer vocabulary "
                      f"{tokenizer.vocab_size}")
   init_params = lambda r: transformer.init(r, cfg)
-  extras = {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
   param_sh = mesh_lib.param_shardings(cfg, mesh)
   abstract, shardings = state_lib.abstract_train_state(
-      config.seed, init_params, tx, mesh=mesh, param_shardings=param_sh, extras=extras)
+      config.seed, init_params, tx, mesh=mesh, param_shardings=param_sh, trainable=trainable,
+      extras=extras)
 
   # --- Train state: restore (state, then data iterator, then position) or initialise --------
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -151,12 +156,14 @@ def _run(config, workdir: str, mesh, hooks: Sequence[Hook]) -> Dict[str, Any]:
     logging.info("resumed from step %d (%s)", restored.step, restored.position)
   else:
     state, _ = state_lib.create_train_state(config.seed, init_params, tx, mesh=mesh,
-                                            param_shardings=param_sh, extras=extras)
+                                            param_shardings=param_sh, trainable=trainable,
+                                            extras=extras)
   logging.info("model: %d parameters", transformer.count_params(state.params))
 
   # --- The update step ------------------------------------------------------------------------
   train_step = step_lib.make_train_step(make_lm_loss(cfg), tx, state_shardings=shardings,
-                                         batch_shardings=mesh_lib.batch_sharding(mesh))
+                                         batch_shardings=mesh_lib.batch_sharding(mesh),
+                                         differentiate=state_lib.trainable_arrays(trainable))
 
   # --- Loop -----------------------------------------------------------------------------------
   writer = MetricsWriter(workdir)
