@@ -139,6 +139,38 @@ def test_the_teacher_reads_the_reference_solution_and_the_student_does_not():
   assert held.isdisjoint(d.train_questions[0].q for d in docs[:-1])
 
 
+def test_a_chat_model_sees_worked_corpus_problems_before_each_problem():
+  from sleep_jax.data.documents import ChatFormat
+  from sleep_jax.model import fetch
+  path = fetch.find_smollm2()
+  if path is None:
+    pytest.skip("SmolLM2 GGUF not in the cache (python -m sleep_jax.model.fetch)")
+  from sleep_jax.data.hf_tokenizer import HFTokenizer
+  tok = HFTokenizer.from_gguf(path)
+  c = reasoning_config.get_config("test")
+  model = type("M", (), dict(params=None, cfg=None, tok=tok, fmt=ChatFormat(tok),
+                             base_metrics={}))
+  s = reasoning.setup(c, model)
+  shots = reasoning.chat_shots(c.data.arith)
+  assert len(shots) == c.data.arith.chat_shots > 0
+  level = c.data.arith.levels[0]
+  seen = {q.q for ch in s.chunks for d in ch for q in d.train_questions + d.eval_questions}
+  assert seen.isdisjoint(q for q, _ in shots)  # never a stream or held-out problem
+  assert all(q.count("Then") == level for q, _ in shots)  # the stream's first level
+  docs = s.chunks[0]
+  teacher, student = task_lib.teacher_prompts(s, docs), task_lib.student_prompts(s, docs)
+  for d, t_, s_ in zip(docs[:-1], teacher, student):
+    text = tok.decode(s_)
+    assert all(q in text and a in text for q, a in shots)  # earlier turns, before the problem
+    assert text.index(shots[-1][1]) < text.index(d.train_questions[0].q)
+    assert d.passage not in text and d.passage in tok.decode(t_)
+  c.data.arith.chat_shots = 0
+  bare = reasoning.setup(c, model).fmt.closed_book(docs[0].train_questions[0].q)
+  assert bare == ChatFormat(tok, reasoning.CHAT_INSTRUCTION).closed_book(
+      docs[0].train_questions[0].q)
+  assert len(bare) < len(student[0])
+
+
 @pytest.mark.slow
 def test_reasoning_driver_runs_every_method(tmp_path):
   from sleep_jax.sleep import cycle

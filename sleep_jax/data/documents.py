@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import List
+from typing import List, Sequence, Tuple
 
 from sleep_jax.errors import UserError
 
@@ -201,19 +201,25 @@ class ChatFormat:
 
   max_answer_tokens = 24
 
-  def __init__(self, tokenizer, instruction: str = "Answer with a short phrase."):
+  def __init__(self, tokenizer, instruction: str = "Answer with a short phrase.",
+               shots: Sequence[Tuple[str, str]] = ()):
+    """``shots``: (question, answer) pairs shown as earlier turns of the chat before every
+    question, with or without its passage: worked examples of the answer's format."""
     self.tok = tokenizer
     self.instruction = instruction
     self.stop_ids = tuple(tokenizer.stop_ids) or (tokenizer.eos_id,)
+    self.demos = [turn for q, a in shots for turn in (
+        {"role": "user", "content": f"{q} {instruction}"}, {"role": "assistant", "content": a})]
 
-  def _chat(self, text: str) -> List[int]:
-    return list(self.tok.encode_chat([{"role": "user", "content": text}]))
+  def _chat(self, text: str, demos: bool = False) -> List[int]:
+    turns = self.demos if demos else []
+    return list(self.tok.encode_chat(turns + [{"role": "user", "content": text}]))
 
   def with_context(self, passage: str, q: str) -> List[int]:
-    return self._chat(f"{passage}\n\n{q} {self.instruction}")
+    return self._chat(f"{passage}\n\n{q} {self.instruction}", demos=True)
 
   def closed_book(self, q: str) -> List[int]:
-    return self._chat(f"{q} {self.instruction}")
+    return self._chat(f"{q} {self.instruction}", demos=True)
 
   def answer(self, a: str) -> List[int]:
     return self.tok.encode(a) + [self.stop_ids[0]]

@@ -62,18 +62,29 @@ def heldout_document(level: int, tests: Sequence[arith.Problem]) -> Document:
 
 
 # A chat model (SmolLM2) is asked for a worked solution in the checker's format, and for new
-# problems in the environment format.
-CHAT_INSTRUCTION = "Solve it step by step and end with 'Answer: N'."
+# problems in the environment format. Asked to "end with 'Answer: N'" it often wrote the letter.
+CHAT_INSTRUCTION = "Solve it step by step and end with 'Answer: ' followed by the number."
 CHAT_ENV_PROMPT = ("Write one new arithmetic word problem and a Python expression that computes "
                    f"its answer, in this format:\n{arith_corpus.ENV_PROMPT} <the problem, ending "
                    "with a question>\nProgram: <the expression>")
+
+
+def chat_shots(a) -> List[Tuple[str, str]]:
+  """``a.chat_shots`` worked problems of the stream's first level, from the corpus pool (never a
+  stream or held-out problem), that a chat model sees as earlier turns before each problem.
+  SmolLM2-135M solved 2 of 16 level-1 test problems without them and 7 with two (README); with
+  shots of levels 1-3 it copied their number of steps and solved none."""
+  if not a.chat_shots:
+    return []
+  return [(p.question, p.solution) for p in arith.problems(
+      int(a.seed), int(a.levels[0]), int(a.chat_shots), "corpus")]
 
 
 def setup(config, model: models.Model) -> Setup:
   a = config.data.arith
   fmt, env_prompt = model.fmt, arith_corpus.ENV_PROMPT
   if isinstance(fmt, ChatFormat):
-    fmt, env_prompt = ChatFormat(model.tok, CHAT_INSTRUCTION), CHAT_ENV_PROMPT
+    fmt, env_prompt = ChatFormat(model.tok, CHAT_INSTRUCTION, chat_shots(a)), CHAT_ENV_PROMPT
   chunks = []
   for level in a.levels:
     n = int(a.per_chunk) * int(a.chunks_per_level)
