@@ -10,6 +10,7 @@ real SmolLM2 file (``test_convert_smollm2.py`` covers that one). Qwen2 (q/k/v bi
 through the same reference, extended; a slow test also compares with ``transformers`` itself.
 """
 
+import dataclasses
 import json
 import os
 import tarfile
@@ -383,6 +384,23 @@ def test_masked_slots_equal_no_cms(tiny, tiny_gguf):
   # Unlocking every slot is still function-preserving: B starts at zero.
   live = jnp.ones((cfg_cms.n_levels, cfg_cms.n_slots), bool)
   np.testing.assert_array_equal(_logits(p_cms, cfg_cms, IDS, slot_mask=live), plain)
+
+
+def test_experiment_config_sets_the_imported_models_remat(tiny_gguf):
+  from sleep_jax.configs import knowledge
+  from sleep_jax.tasks import models
+  c = knowledge.get_config("test")
+  c.model_source, c.gguf = "gguf", str(tiny_gguf)
+  assert models.load(c, "/nonexistent").cfg.remat == "none"
+  c.model_remat = "full"
+  m = models.load(c, "/nonexistent")
+  assert m.cfg.remat == "full"
+  tokens = jnp.asarray([[1, 5, 7, 2]], jnp.int32)
+  same = lambda cfg: transformer.apply(m.params, tokens, cfg)[0]
+  np.testing.assert_array_equal(same(m.cfg), same(dataclasses.replace(m.cfg, remat="none")))
+  c.model_remat = "most"
+  with pytest.raises(ValueError, match="remat='most'"):
+    models.load(c, "/nonexistent")
 
 
 def test_cms_overrides_that_change_the_function_are_refused(tiny_gguf):

@@ -69,6 +69,8 @@ def load(config, workdir: str, log=print) -> Model:
     path = c.gguf or str(fetch.smollm2_path())
     cfg, params = convert.load_gguf(path)
     params, cfg = _with_slots(c, params, cfg)
+    if c.get("model_remat"):  # what a train step keeps for its backward pass (memory)
+      cfg = dataclasses.replace(cfg, remat=str(c.model_remat))
     tok = HFTokenizer.from_gguf(path)
     return Model(params, cfg, tok, documents.ChatFormat(tok), {}, None)
   raise ValueError(f"model_source={c.model_source!r}; valid: 'world', 'gguf'")
