@@ -44,6 +44,7 @@ def test_changed_config_stops_narrowed_methods_reuse_and_results_keep_every_run(
   # A batching key (dreams per vmap: memory, not results) is not a config change.
   c = _config(base_cache, ("base",))
   c.dreaming.parallel_dreams = 3
+  c.model_remat = "full"  # nor is what a train step recomputes (test_convert: equal values)
   logs.clear()
   cycle.run_experiment(c, work, log=logs.append)
   assert any(m.startswith("base seed 0: finished, reused") for m in logs)

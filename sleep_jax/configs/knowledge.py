@@ -103,7 +103,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.on_config_change = "error"
   c.model_source = "world"  # "world": the cached tiny base model | "gguf": an imported checkpoint
   c.gguf = ""  # model_source="gguf": path ("" = the fetched SmolLM2)
-  c.model_remat = ""  # gguf: "none" | "dots" | "full" per layer ("": the import's, none)
+  c.model_remat = ""  # "none" | "dots" | "full" per layer ("": the model's own); memory only
   c.data = ml_collections.ConfigDict(dict(
       source="world",  # "world" | "jsonl"
       documents="",  # source="jsonl": the user's documents file

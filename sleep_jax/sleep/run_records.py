@@ -3,9 +3,10 @@
 ``runs/<method>/seed_<s>/`` holds the run's checkpoints, its ``result.json`` when finished, and
 ``config.json``: the *result-relevant* config it ran with, every key except the presentation ones
 (``PRESENTATION_KEYS``: which methods and seeds an invocation runs, how a changed config is
-handled, the device layout) and the batching ones (``BATCHING_KEYS``: how many items share one
-vmap, which bounds memory and not what is computed; ``tests/test_dreaming.py`` checks the
-equality), so that a run killed for memory resumes with a smaller group. A later invocation
+handled, the device layout) and the memory ones (``BATCHING_KEYS``: how many items share one
+vmap, and what a train step recomputes instead of storing; they bound memory and not what is
+computed: ``tests/test_dreaming.py`` and ``tests/test_convert.py`` check the equality), so that a
+run killed for memory resumes with a smaller group or more recomputation. A later invocation
 reuses (or resumes) the run only when that config equals its own; otherwise it stops naming
 the differing keys, or with ``--config.on_config_change=restart`` starts the run afresh.
 ``finished_runs`` lists every finished run of the workdir with the current config, for the
@@ -22,7 +23,7 @@ from typing import Dict, Iterator, List, Tuple
 from sleep_jax.errors import UserError
 
 PRESENTATION_KEYS = ("methods", "seeds", "on_config_change", "mesh", "distributed")
-BATCHING_KEYS = ("dreaming.parallel_dreams",)
+BATCHING_KEYS = ("dreaming.parallel_dreams", "model_remat")
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 

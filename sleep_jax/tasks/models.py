@@ -56,6 +56,13 @@ def _with_slots(config, params, cfg):
 
 
 def load(config, workdir: str, log=print) -> Model:
+  model = _load(config, workdir, log)
+  if config.get("model_remat"):  # what a train step recomputes instead of storing (memory)
+    model.cfg = dataclasses.replace(model.cfg, remat=str(config.model_remat))
+  return model
+
+
+def _load(config, workdir: str, log=print) -> Model:
   c = config
   if c.model_source == "world":
     cache = c.base_cache or os.path.join(workdir, "base")
@@ -69,8 +76,6 @@ def load(config, workdir: str, log=print) -> Model:
     path = c.gguf or str(fetch.smollm2_path())
     cfg, params = convert.load_gguf(path)
     params, cfg = _with_slots(c, params, cfg)
-    if c.get("model_remat"):  # what a train step keeps for its backward pass (memory)
-      cfg = dataclasses.replace(cfg, remat=str(c.model_remat))
     tok = HFTokenizer.from_gguf(path)
     return Model(params, cfg, tok, documents.ChatFormat(tok), {}, None)
   raise ValueError(f"model_source={c.model_source!r}; valid: 'world', 'gguf'")
