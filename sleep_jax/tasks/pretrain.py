@@ -43,13 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sleep_jax.data import world as world_lib
-from sleep_jax.data import world_encode
+from sleep_jax.data import world as world_lib, world_encode
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.eval import qa as qa_eval
 from sleep_jax.eval.world_probes import dream_quality, evaluate
-from sleep_jax.model import config as config_lib
-from sleep_jax.model import transformer
+from sleep_jax.model import config as config_lib, transformer
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.losses.lm import lm_loss
 from sleep_jax.train import fit as fit_lib
@@ -70,7 +68,6 @@ DEFAULT_MIXTURE = (("bio", 0.15), ("closed", 0.15), ("incontext_multi", 0.6),
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
   """The whole base-model recipe (the cache key)."""
-
   world: world_lib.WorldConfig = world_lib.WorldConfig()
   # Model (ModelConfig fields; vocab_size comes from the world's tokenizer).
   d_model: int = 128
@@ -306,13 +303,11 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       raise ValueError(f"init_from={recipe.init_from!r}: its model config or vocabulary is not "
                        "this recipe's")
     init_params = lambda r: jax.tree.map(jnp.array, parent.params)
-  # The slots stay masked while the base trains: their arrays are frozen, not differentiated.
-  shapes = transformer.param_shapes(cfg)
+  shapes = transformer.param_shapes(cfg)  # the slots stay masked: their arrays are frozen
   trainable = state_lib.idle_slots_frozen(shapes, transformer.slot_mask_none(cfg))
   optimizer = opt_lib.with_cms_frequencies(make_optimizer(recipe), shapes,
                                            chunk_sizes=cfg.chunk_sizes, trainable=trainable)
-  state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer,
-                                          trainable=trainable)
+  state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer, trainable=trainable)
   step_fn = step_lib.make_train_step(loss_fn_for(cfg), optimizer,
                                      differentiate=state_lib.trainable_arrays(trainable))
   mixture = dict(recipe.mixture)
