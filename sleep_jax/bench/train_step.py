@@ -28,11 +28,8 @@ def _train_setup(cfg, batch: int, seq: int, seed: int = 0):
   opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.95,
                                        weight_decay=0.0, grad_clip=1.0))
   # As the LM job builds it: every slot masked, the slot arrays frozen (not differentiated).
-  shapes = transformer.param_shapes(cfg)
+  tx, trainable = opt_lib.with_masked_slots_frozen(opt_lib.make_optimizer(opt), cfg)
   extras = {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
-  trainable = state_lib.idle_slots_frozen(shapes, extras["slot_mask"])
-  tx = opt_lib.with_cms_frequencies(opt_lib.make_optimizer(opt), shapes,
-                                    chunk_sizes=cfg.chunk_sizes, trainable=trainable)
   state, _ = state_lib.create_train_state(seed, lambda r: transformer.init(r, cfg), tx,
                                           trainable=trainable, extras=extras)
   rng = np.random.default_rng(seed)

@@ -303,10 +303,7 @@ def pretrain(recipe: PretrainConfig, log: Callable[[str], None] = _print) -> Bas
       raise ValueError(f"init_from={recipe.init_from!r}: its model config or vocabulary is not "
                        "this recipe's")
     init_params = lambda r: jax.tree.map(jnp.array, parent.params)
-  shapes = transformer.param_shapes(cfg)  # the slots stay masked: their arrays are frozen
-  trainable = state_lib.idle_slots_frozen(shapes, transformer.slot_mask_none(cfg))
-  optimizer = opt_lib.with_cms_frequencies(make_optimizer(recipe), shapes,
-                                           chunk_sizes=cfg.chunk_sizes, trainable=trainable)
+  optimizer, trainable = opt_lib.with_masked_slots_frozen(make_optimizer(recipe), cfg)
   state, _ = state_lib.create_train_state(recipe.seed, init_params, optimizer, trainable=trainable)
   step_fn = step_lib.make_train_step(loss_fn_for(cfg), optimizer,
                                      differentiate=state_lib.trainable_arrays(trainable))

@@ -82,12 +82,8 @@ def build_model_and_optimizer(config):
   (``extras["slot_mask"]``), so the slot arrays are frozen: not differentiated and without
   optimizer state (``state_lib.idle_slots_frozen``)."""
   cfg = ModelConfig.from_config(config.model)
-  shapes = transformer.param_shapes(cfg)
-  extras = {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
-  trainable = state_lib.idle_slots_frozen(shapes, extras["slot_mask"])
-  tx = opt_lib.with_cms_frequencies(opt_lib.make_optimizer(config.optimizer), shapes,
-                                    chunk_sizes=cfg.chunk_sizes, trainable=trainable)
-  return cfg, tx, trainable, extras
+  tx, trainable = opt_lib.with_masked_slots_frozen(opt_lib.make_optimizer(config.optimizer), cfg)
+  return cfg, tx, trainable, {"slot_mask": np.asarray(transformer.slot_mask_none(cfg))}
 
 
 def greedy_samples(params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],

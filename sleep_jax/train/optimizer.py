@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import jax
 import optax
 
-from sleep_jax.train.state import _any, _level_of, all_trainable, path_str
+from sleep_jax.model import transformer
+from sleep_jax.train.state import _any, _level_of, all_trainable, idle_slots_frozen, path_str
 
 
 # Optional keys of an optimizer block and their values when absent; any other key is a mistake.
@@ -102,3 +103,14 @@ def with_cms_frequencies(tx: optax.GradientTransformation, params, *,
       k = int(chunk_sizes[int(lab.split("_")[1])])
       transforms[lab] = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return optax.multi_transform(transforms, labels)
+
+
+def with_masked_slots_frozen(tx: optax.GradientTransformation, cfg):
+  """``(optimizer, trainable)`` of a job that trains model ``cfg`` with every slot masked (the LM
+  job, the base recipe): ``tx`` with the CMS update frequencies and the slot arrays frozen
+  (``state.idle_slots_frozen``). Pass ``state.trainable_arrays(trainable)`` as the step's
+  ``differentiate``, so that frozen arrays are not differentiated either."""
+  shapes = transformer.param_shapes(cfg)
+  trainable = idle_slots_frozen(shapes, transformer.slot_mask_none(cfg))
+  return with_cms_frequencies(tx, shapes, chunk_sizes=cfg.chunk_sizes,
+                              trainable=trainable), trainable
