@@ -139,7 +139,7 @@ def test_the_teacher_reads_the_reference_solution_and_the_student_does_not():
   assert held.isdisjoint(d.train_questions[0].q for d in docs[:-1])
 
 
-def test_a_chat_model_sees_worked_corpus_problems_before_each_problem():
+def test_a_chat_model_sees_worked_corpus_problems_before_each_problem_and_environment():
   from sleep_jax.data.documents import ChatFormat
   from sleep_jax.model import fetch
   path = fetch.find_smollm2()
@@ -164,7 +164,13 @@ def test_a_chat_model_sees_worked_corpus_problems_before_each_problem():
     assert all(q in text and a in text for q, a in shots)  # earlier turns, before the problem
     assert text.index(shots[-1][1]) < text.index(d.train_questions[0].q)
     assert d.passage not in text and d.passage in tok.decode(t_)
+  env = tok.decode(s.environments.prompt)  # the same problems, written as environments first
+  programs = [p.program for p in arith.problems(c.data.arith.seed, level, len(shots), "corpus")]
+  assert all(f"Program: {prog}" in env for prog in programs)
+  assert env.count(reasoning.CHAT_ENV_PROMPT) == len(shots) + 1
+  assert env.rindex(programs[-1]) < env.rindex(reasoning.CHAT_ENV_PROMPT)
   c.data.arith.chat_shots = 0
+  assert tok.decode(reasoning.setup(c, model).environments.prompt).count("Program: (") == 0
   bare = reasoning.setup(c, model).fmt.closed_book(docs[0].train_questions[0].q)
   assert bare == ChatFormat(tok, reasoning.CHAT_INSTRUCTION).closed_book(
       docs[0].train_questions[0].q)

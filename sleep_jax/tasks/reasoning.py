@@ -69,22 +69,38 @@ CHAT_ENV_PROMPT = ("Write one new arithmetic word problem and a Python expressio
                    "with a question>\nProgram: <the expression>")
 
 
+def _shot_problems(a) -> List[arith.Problem]:
+  if not a.chat_shots:
+    return []
+  return arith.problems(int(a.seed), int(a.levels[0]), int(a.chat_shots), "corpus")
+
+
 def chat_shots(a) -> List[Tuple[str, str]]:
   """``a.chat_shots`` worked problems of the stream's first level, from the corpus pool (never a
   stream or held-out problem), that a chat model sees as earlier turns before each problem.
   SmolLM2-135M solved 2 of 16 level-1 test problems without them and 7 with two (README); with
   shots of levels 1-3 it copied their number of steps and solved none."""
-  if not a.chat_shots:
-    return []
-  return [(p.question, p.solution) for p in arith.problems(
-      int(a.seed), int(a.levels[0]), int(a.chat_shots), "corpus")]
+  return [(p.question, p.solution) for p in _shot_problems(a)]
+
+
+def chat_env_prompt(tok, a) -> List[int]:
+  """A chat model's environment prompt: the same corpus problems as ``chat_shots``, written as
+  environments (``arith.environment_text``), are earlier answers to ``CHAT_ENV_PROMPT``.
+  Asked without them SmolLM2-135M wrote 0 runnable environments of 32 (prose, code, riddles);
+  with two, 8 of 32 at temperature 1 and 24 at 0.7 (README)."""
+  turns = [turn for p in _shot_problems(a) for turn in (
+      {"role": "user", "content": CHAT_ENV_PROMPT},
+      {"role": "assistant", "content": arith.environment_text(p)})]
+  return list(tok.encode_chat(turns + [{"role": "user", "content": CHAT_ENV_PROMPT}]))
 
 
 def setup(config, model: models.Model) -> Setup:
   a = config.data.arith
-  fmt, env_prompt = model.fmt, arith_corpus.ENV_PROMPT
+  fmt = model.fmt
+  env_prompt = fmt.dream_prompt("", arith_corpus.ENV_PROMPT)
   if isinstance(fmt, ChatFormat):
-    fmt, env_prompt = ChatFormat(model.tok, CHAT_INSTRUCTION, chat_shots(a)), CHAT_ENV_PROMPT
+    fmt = ChatFormat(model.tok, CHAT_INSTRUCTION, chat_shots(a))
+    env_prompt = chat_env_prompt(model.tok, a)
   chunks = []
   for level in a.levels:
     n = int(a.per_chunk) * int(a.chunks_per_level)
@@ -97,7 +113,7 @@ def setup(config, model: models.Model) -> Setup:
   extra = {f"solve_level{lv}": ([heldout_document(int(lv), arith.problems(
       int(a.seed), int(lv), int(a.n_test), "test"))], False) for lv in a.retention_levels}
   return Setup(model.params, model.cfg, model.tok, fmt, chunks, extra, model.base_metrics,
-               environments=Environments(fmt.dream_prompt("", env_prompt)))
+               environments=Environments(env_prompt))
 
 
 def finish_run(config, setup: Setup, result):
