@@ -87,9 +87,10 @@ def test_resume_after_kill_mid_sleep_equals_uninterrupted(tmp_path, base_cache, 
 
 
 def test_sigterm_mid_consolidation_saves_and_resumes_bit_identical(tmp_path, base_cache,
-                                                                    reference):
+                                                                    reference, caplog):
   """A real SIGTERM during the first consolidation: the phase finishes, is saved, the run stops
-  with ``Preempted`` (the command line exits 0), and the resumed run equals the uninterrupted."""
+  with ``Preempted`` (the command line exits 0), and the resumed run equals the uninterrupted.
+  The warning says where it stops (a phase can take minutes on a real model)."""
   def term(phase, chunk, step):
     if phase == "consolidation" and chunk == 0 and step == 1:
       os.kill(os.getpid(), signal.SIGTERM)
@@ -100,6 +101,7 @@ def test_sigterm_mid_consolidation_saves_and_resumes_bit_identical(tmp_path, bas
     cycle.run_experiment(_config(base_cache, ("sleep_no_dream",)), work, hook=term,
                          log=lambda *_: None)
   assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
+  assert "stop at the end of the current phase" in caplog.text
   _resume_equals(reference, base_cache, work, "sleep_no_dream")
 
 

@@ -128,8 +128,11 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
-               handle_sigterm: bool = True):
+               handle_sigterm: bool = True, save_point: str = "the next step"):
+    """``save_point``: where the loop that owns this checkpointer saves and stops after a
+    SIGTERM (what the warning tells the user: a sleep finishes its current phase first)."""
     self.directory = os.fspath(directory)
+    self.save_point = save_point
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
@@ -146,7 +149,7 @@ class Checkpointer:
   # --- preemption ------------------------------------------------------------------------------
   def _on_sigterm(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: will save a checkpoint and stop at the next step")
+    logging.warning("SIGTERM received: will save a checkpoint and stop at %s", self.save_point)
     self._stop_requested = True
 
   def request_stop(self) -> None:

@@ -85,7 +85,8 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
       return json.load(f)
   ckpt_dir = os.path.join(out_dir, "ckpt")
   # SIGTERM (preemption) asks the loop to stop at the next phase boundary, after its save.
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2, async_save=False,
+                               save_point="the end of the current phase")
   curves = RunLog(out_dir)
   try:
     return _run_method(dataclasses.replace(ctx, log_step=curves.step), ckpt=ckpt, done=done,
