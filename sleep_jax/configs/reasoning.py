@@ -152,8 +152,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = k.max_new_tokens = g.max_new_tokens = d.max_new_tokens = 128
     c.eval.batch_size = 32
     c.consolidation.optimizer.lr = 1e-3
-    k.lr_existing = c.sft.optimizer.lr = 1e-5
-    g.optimizer.lr = 1e-6
+    # Every learner that trains every parameter at one rate, as on the tiny base. (GRPO at
+    # 1e-6 moved no held-out answer either: README.)
+    k.lr_existing = c.sft.optimizer.lr = g.optimizer.lr = 1e-5
     d.simulate_tokens = 160
     # Shown two environments first (``reasoning.chat_env_prompt``), it wrote 8 runnable ones of
     # 32 at temperature 1 and 24 at 0.7 (the base model, data seed 0's corpus problems; README).
