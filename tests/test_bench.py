@@ -99,3 +99,5 @@ def test_sleep_step_quick(tmp_path):
   assert set(part["parts_s"]) == {"sample", "teacher_forward", "rewards", "student_update", "host"}
   assert part["parts_s"]["student_update"] > 0 and part["lower_bound_s"] > 0
   assert part["step_over_bound"] > 1.0
+  assert part["parts_s"]["teacher_forward"] > 0  # the continuation forwards were timed
+  assert part["lower_bound_whole_prompt_s"] > part["lower_bound_s"]

@@ -173,7 +173,8 @@ def summary_markdown(res: Dict[str, Any]) -> str:
                                               "student_update", "host")) + f"); "
                  f"{ss['lower_bound_s']:.3f} (" + " / ".join(
                      f"{lb[k]:.3f}" for k in ("sample", "teacher_forward", "student_update"))
-                 + f"), x{ss['step_over_bound']:.1f} |")
+                 + f"), x{ss['step_over_bound']:.1f} (teacher over the whole prompt: "
+                 f"{ss['lower_bound_whole_prompt_s']:.3f}) |")
   sc = parts.get("sleep_compile_cache") or {}
   if "speedup" in sc:
     lines.append(f"| sleep_compile_cache tiny | first / later sleep s, memo kept / emptied, "

@@ -9,16 +9,19 @@ items: once as it is (the step-to-step time users wait for) and once with each p
 (every part waits for its result), so that ``host`` = the instrumented step minus its timed
 parts. The lower bound counts the same work at the measured roofs: each decode step reads the
 model's own weights once at the measured bandwidth (or does its FLOPs at the matmul peak, if
-more), each forward (the teacher's, the judge's) is 2 FLOPs per matmul parameter per token, and the
-update of a student whose base is frozen is 4 (forward, and the backward through the activations only); the output
-head only where the loss reads logits (the completion window) or the sampler does (a prompt's
-last position); attention, norms and the host count 0.
+more), each forward is 2 FLOPs per matmul parameter per token (the teacher's over its
+continuation of the prompt it read once per sleep, ``sleep/teacher_prefix.py``; the judge's),
+and the update of a student whose base is frozen is 4 (forward, and the backward through the
+activations only); the output head only where the loss reads logits (the completion window) or
+the sampler does (a prompt's last position); attention, norms and the host count 0.
+``lower_bound_whole_prompt_s`` is the bound with the teacher over the whole prompt every step,
+as it ran before the prompt cache (the bound of earlier runs).
 """
 
 import contextlib
 import time
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +38,9 @@ PARTS = ("sample", "teacher_forward", "rewards", "student_update")
 def _timed_parts(cons, events: List[tuple]):
   """Inside: the loop's sampler calls, teacher forwards, LTI rewards and train steps append
   ``(part, start, seconds)`` to ``events``, each waiting for its own result."""
-  originals = (cons.sampler.sample, cons.completion_logits, cons.rewards_lib.lti_rewards,
-               cons.fit_lib.train_step_for)
+  tp = cons.teacher_prefix
+  originals = (cons.sampler.sample, tp.continuation_logits, cons.rewards_lib.lti_rewards,
+               cons.fit_lib.train_step_for, tp.prefill)
 
   def timed(part, fn):
     def wrapper(*a, **k):
@@ -51,19 +55,21 @@ def _timed_parts(cons, events: List[tuple]):
     return key, timed("student_update", step_fn)
 
   cons.sampler.sample = timed("sample", originals[0])
-  cons.completion_logits = timed("teacher_forward", originals[1])
+  tp.continuation_logits = timed("teacher_forward", originals[1])
   cons.rewards_lib.lti_rewards = timed("rewards", originals[2])
   cons.fit_lib.train_step_for = step_for
+  tp.prefill = timed("teacher_forward", originals[4])  # per step only when nothing is kept
   try:
     yield
   finally:
-    (cons.sampler.sample, cons.completion_logits, cons.rewards_lib.lti_rewards,
-     cons.fit_lib.train_step_for) = originals
+    (cons.sampler.sample, tp.continuation_logits, cons.rewards_lib.lti_rewards,
+     cons.fit_lib.train_step_for, tp.prefill) = originals
 
 
-def _lower_bound(ctx: Context, cfg, B: int, s_len: int, t_len: int, N: int, sides: int,
+def _lower_bound(ctx: Context, cfg, B: int, s_len: int, t_lens: Sequence[float], N: int,
                  judge_len: int) -> Dict[str, float]:
-  """Seconds of one step's work at the measured roofs (module docstring)."""
+  """Seconds of one step's work at the measured roofs (module docstring); ``t_lens`` the tokens
+  the teacher reads before the completion, a row of each GKD side."""
   peak = ctx.peak_gflops() * 1e9
   bw = ctx.bandwidth_gbps() * 1e9
   mm = matmul_params(cfg)
@@ -73,9 +79,9 @@ def _lower_bound(ctx: Context, cfg, B: int, s_len: int, t_len: int, N: int, side
   window = N + 1  # positions whose logits the losses read
   return {
       "sample": 2 * B * (body * s_len + head) / peak + N * decode_step,  # head: last only
-      "teacher_forward": sides * 2 * B * (body * (t_len + N) + head * window) / peak,
+      "teacher_forward": sum(2 * B * (body * (t + N) + head * window) / peak for t in t_lens),
       "rewards": 2 * B * (body * judge_len + head) / peak,  # the judge's forward
-      "student_update": sides * 4 * B * (body * (s_len + N) + head * window) / peak,
+      "student_update": len(t_lens) * 4 * B * (body * (s_len + N) + head * window) / peak,
       "host": 0.0}
 
 
@@ -118,7 +124,8 @@ def part_sleep_step(ctx: Context) -> Dict[str, Any]:
     stamps: List[float] = []
     with (_timed_parts(cons, events) if events is not None else contextlib.nullcontext()):
       cons.seed_knowledge([teacher], student, kcfg, jax.random.key(3), stop_tokens=(-1,),
-                          judge=judge, decode=decode, on_step=lambda i, m: stamps.append(time.perf_counter()))
+                          judge=judge, decode=decode,
+                          on_step=lambda i, m: stamps.append(time.perf_counter()))
     return stamps
 
   t0 = time.perf_counter()
@@ -142,8 +149,14 @@ def part_sleep_step(ctx: Context) -> Dict[str, Any]:
   s_len = cons._bucket(q_len + extra)
   t_len = cons._bucket(ctx_len + q_len + extra)
   sides = (float(kcfg.lam) < 1.0) + (float(kcfg.lam) > 0.0 or float(kcfg.alpha) < 1.0)
-  bound = _lower_bound(ctx, cfg, B, s_len, t_len, N, sides, judge_len)
+  # The teacher continues its cached prompt with the prompt's last token, then on the
+  # on-policy side an LTI prefix (uniform over 0..N-1 tokens: the loop's samples never stop
+  # here), then the completion.
+  off = int(float(kcfg.lam) < 1.0)
+  cont = [1.0] * off + [1 + (N - 1) / 2 * bool(extra)] * (sides - off)
+  bound = _lower_bound(ctx, cfg, B, s_len, cont, N, judge_len)
   total_bound = sum(bound.values())
+  whole_prompt = sum(_lower_bound(ctx, cfg, B, s_len, [t_len] * sides, N, judge_len).values())
   return {
       "model": source, "batch": B, "context_len": ctx_len, "question_len": q_len,
       "new_tokens": N, "student_prompt_width": s_len, "teacher_prompt_width": t_len,
@@ -152,7 +165,7 @@ def part_sleep_step(ctx: Context) -> Dict[str, Any]:
                                                       "gamma", "ce_weight")},
       "first_call_s": first_call, "step_s": step, "instrumented_step_s": step_inst,
       "parts_s": med, "lower_bound_parts_s": bound, "lower_bound_s": total_bound,
-      "step_over_bound": step / total_bound,
+      "step_over_bound": step / total_bound, "lower_bound_whole_prompt_s": whole_prompt,
       "note": ("step_s: median step-to-step time of consolidation.seed_knowledge (Sleep's "
                "consolidation config), compiled; parts_s: the same loop with each part waiting "
                "for its result (host = the rest); lower bound: see bench/sleep_step.py")}

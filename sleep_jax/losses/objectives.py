@@ -12,7 +12,7 @@ with the divergence part in its GKD form, so the loss minimised is
 advantage estimator) for the learning-to-imitate reward ``r = gamma r_sem + (1 - gamma) r_abs`` of
 a student completion of a random prefix of a teacher sample. ``alpha = 1`` drops imitation,
 ``lambda = 0`` is off-policy distillation. No gradient flows through sampling; the teacher's
-logits are computed outside the gradient (``consolidation.completion_logits``). ``CE(a* | x)``
+logits are computed outside the gradient (``sleep/teacher_prefix.py``). ``CE(a* | x)``
 (weight ``beta = ce_weight``, 0 by default) is the student's cross-entropy on an answer the
 source supports (a document's gold answer): distillation alone is capped by the teacher's own
 in-context errors. ``G`` (weight ``eta = gate_weight``, 0 by default) teaches the new slot's
@@ -66,27 +66,21 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
   if gate_positions not in ("answer", "anchor_all"):
     raise ValueError(f"gate_positions must be 'answer' or 'anchor_all', got {gate_positions!r}")
   del rng
+  sides = [side for side in ("off", "on") if f"{side}_tokens" in batch]
   data, start, gates = {}, {}, None
-  for side in ("off", "on"):
-    if f"{side}_tokens" not in batch:
-      continue
-    tokens, t_logits = batch[f"{side}_tokens"], batch[f"{side}_teacher_logits"]
-    start[side] = tokens.shape[1] - t_logits.shape[1]  # Ps - 1, static under jit
-    want_gates = gate_weight > 0.0 and gates is None
-    out = transformer.apply(params, tokens, cfg, valid=batch[f"{side}_valid"],
-                            slot_mask=batch["slot_mask"], logits_from=start[side],
-                            return_gates=want_gates)
-    logits = out[0]
+  for side, (logits, side_gates) in zip(sides, _student_forward(params, batch, sides, cfg,
+                                                                gate_weight > 0.0)):
+    start[side] = batch[f"{side}_tokens"].shape[1] - logits.shape[1]  # Ps - 1, static
     pmask = prediction_mask(batch[f"{side}_completion_mask"])[:, start[side]:]
-    data[side] = DistillBatch(logits, t_logits, pmask)
-    if want_gates:
+    data[side] = DistillBatch(logits, batch[f"{side}_teacher_logits"], pmask)
+    if side_gates is not None:
       # The gate mask spans every position: zeros before the completion's predictors.
       gmask = jnp.concatenate([jnp.zeros((pmask.shape[0], start[side]), bool),
                                pmask.astype(bool)], 1)
       if gate_positions == "anchor_all":
         anchor = (batch["gate_target"] < 0.5)[:, None]
         gmask = jnp.where(anchor, batch[f"{side}_valid"].astype(bool), gmask)
-      gates = (out[2], gmask)
+      gates = (side_gates, gmask)
   gkd, metrics = gkd_loss(data.get("off") if lam < 1.0 else None,
                           data.get("on") if lam > 0.0 else None, lam=lam, divergence=divergence,
                           temperature=temperature, **(divergence_kwargs or {}))
@@ -110,6 +104,30 @@ def knowledge_seeding_loss(params, batch, rng, *, cfg: ModelConfig, alpha: float
     metrics.update(g_metrics)
   metrics = {f"gkd_{k}" if k == "loss" else k: v for k, v in metrics.items()}
   return loss, metrics
+
+
+def _student_forward(params, batch, sides, cfg: ModelConfig, want_gates: bool):
+  """The student's logits on each side's completion window (and its slot gates on the first
+  side, ``want_gates``): ``[(logits, gates or None)]`` in the order of ``sides``.
+
+  Both sides hold the student's prompt at the same width, so when their shapes agree one
+  forward runs over their rows together: half the calls, and larger products, for the same
+  logits (a row's logits do not depend on the rows beside it)."""
+  shapes = {(batch[f"{s}_tokens"].shape, batch[f"{s}_teacher_logits"].shape) for s in sides}
+  groups = [sides] if len(shapes) == 1 else [[s] for s in sides]
+  out = []
+  for group in groups:
+    tokens = jnp.concatenate([batch[f"{s}_tokens"] for s in group], 0)
+    valid = jnp.concatenate([batch[f"{s}_valid"] for s in group], 0)
+    first = tokens.shape[1] - batch[f"{group[0]}_teacher_logits"].shape[1]
+    gated = want_gates and not out  # the gate term reads the first side's gates
+    res = transformer.apply(params, tokens, cfg, valid=valid, slot_mask=batch["slot_mask"],
+                            logits_from=first, return_gates=gated)
+    rows = batch[f"{group[0]}_tokens"].shape[0]
+    for i, _ in enumerate(group):
+      g = {j: v[:, :rows] for j, v in res[2].items()} if gated and i == 0 else None
+      out.append((res[0][i * rows:(i + 1) * rows], g))
+  return out
 
 
 def gate_loss(gates, mask, target, slots) -> Tuple[jax.Array, Metrics]:

@@ -42,7 +42,7 @@ from sleep_jax.losses import rewards as rewards_lib
 from sleep_jax.losses.registry import build_loss, get_divergence
 from sleep_jax.model import growth, sampler, slot_keys, transformer
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.sleep import consolidation_config, teacher_trust
+from sleep_jax.sleep import consolidation_config, teacher_prefix, teacher_trust
 from sleep_jax.train import fit as fit_lib
 from sleep_jax.train import optimizer as opt_lib
 from sleep_jax.train import state as state_lib
@@ -96,8 +96,7 @@ def _pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int):
   return jnp.asarray(toks), jnp.asarray(valid)
 
 
-def _bucket(n: int, b: int = 16) -> int:
-  return max(b, -(-n // b) * b)
+_bucket = teacher_prefix.bucket
 
 
 def item_draw(host_rng: np.random.Generator, n_items: int, batch: int,
@@ -245,43 +244,45 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       live[r, :len(c)] = True
     return jnp.asarray(toks), jnp.asarray(live)
 
-  def side(prefix, t_idx, teacher_prompts, student_prompts, comp_toks, comp_live, rows):
-    """Student sequences + the teacher's logits on their completions, for one batch. ``rows``:
-    the batch's items; the completions of those the teacher is not trusted on enter no term."""
-    teacher, t_len = teachers[t_idx], t_lens[t_idx]
-    tt, tv = _pad_left(teacher_prompts, t_len, pad_id)
+  # Each teacher reads every item's prompt once (``teacher_prefix.py``); a step continues it
+  # with an LTI prefix (shorter than the longest sample in D) and a completion.
+  lti_len = max(max((len(c) for d in D for cs in d for c in cs), default=0) - 1, 0) * need_pg
+  caches = [teacher_prefix.PromptCache(t, B, lti_len, N, pad_id) for t in teachers]
+
+  def side(prefix, t_idx, t_cache, items, lti, student_prompts, comp_toks, comp_live):
+    """Student sequences + the teacher's logits on their completions, for one batch of
+    ``items``; ``lti``: each row's LTI prefix (the teacher reads ``prompt + lti + completion``).
+    The completions of items the teacher is not trusted on enter no term."""
     st_, sv = _pad_left(student_prompts, s_len, pad_id)
-    t_tokens = jnp.concatenate([tt, comp_toks], 1)
-    t_valid = jnp.concatenate([tv, comp_live], 1)
-    scored = comp_live if trusted is None else comp_live & trusted[t_idx][rows][:, None]
+    scored = comp_live if trusted is None else comp_live & trusted[t_idx][items][:, None]
     return {f"{prefix}_tokens": jnp.concatenate([st_, comp_toks], 1),
             f"{prefix}_valid": jnp.concatenate([sv, comp_live], 1),
             f"{prefix}_completion_mask": jnp.concatenate([jnp.zeros_like(sv), scored], 1),
-            f"{prefix}_teacher_logits": completion_logits(
-                teacher.params, t_tokens, t_valid, teacher.slot_mask, teacher.cfg, t_len)}
+            f"{prefix}_teacher_logits": caches[t_idx].logits(t_cache, items, lti, comp_toks,
+                                                               comp_live)}
 
   history = []
 
   def next_batch(i, st):
     t_idx = i % len(teachers)
-    teacher = teachers[t_idx]
     items = item_draw(host_rng, n_items, B, gate_targets, anchor_share)
     picks = [D[t_idx][k][host_rng.integers(len(D[t_idx][k]))] for k in items]
+    t_cache = caches[t_idx].rows(items)  # one prompt pass (or none) for both sides
     batch = {}
     if need_off:
       ct, cl = completion_arrays(picks)
-      batch.update(side("off", t_idx, [teacher.prompts[k] for k in items],
-                        [student.prompts[k] for k in items], ct, cl, items))
+      batch.update(side("off", t_idx, t_cache, items, [()] * B,
+                        [student.prompts[k] for k in items], ct, cl))
     if need_on:
       # LTI: the student continues a random prefix of a teacher sample; with imitation off the
       # prefix is empty and these are plain on-policy samples.
       cuts = [int(host_rng.integers(0, max(len(d), 1))) if need_pg else 0 for d in picks]
       s_prompts = [student.prompts[k] + d[:c] for k, d, c in zip(items, picks, cuts)]
-      t_prompts = [teacher.prompts[k] + d[:c] for k, d, c in zip(items, picks, cuts)]
       out = sample(st.params, student.cfg, student.slot_mask, s_prompts, s_len,
                    jax.random.fold_in(rng, 1_000_000 + i), float(kcfg.sample_temperature))
       ct, cl = out.tokens[:, s_len:], out.completion_mask[:, s_len:]
-      batch.update(side("on", t_idx, t_prompts, s_prompts, ct, cl, items))
+      batch.update(side("on", t_idx, t_cache, items, [d[:c] for d, c in zip(picks, cuts)],
+                        s_prompts, ct, cl))
       if need_pg:
         preds = rewards_lib.masked_token_lists(ct, cl)
         refs = [d[c:] for d, c in zip(picks, cuts)]
