@@ -244,8 +244,9 @@ def seed_knowledge(teachers: Sequence[Teacher], student: Student, kcfg: ml_colle
       live[r, :len(c)] = True
     return jnp.asarray(toks), jnp.asarray(live)
 
-  # Each teacher reads every item's prompt once (``teacher_prefix.py``); a step continues it
-  # with an LTI prefix (shorter than the longest sample in D) and a completion.
+  # Each teacher reads an item's prompt once while its cache row fits (``teacher_prefix.py``);
+  # a step continues it with an LTI prefix (shorter than the longest sample in D) and a
+  # completion.
   lti_len = max(max((len(c) for d in D for cs in d for c in cs), default=0) - 1, 0) * need_pg
   caches = [teacher_prefix.PromptCache(t, B, lti_len, N, pad_id) for t in teachers]
 
