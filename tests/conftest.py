@@ -1,7 +1,10 @@
 """Test setup: 8 fake CPU devices for sharding tests (must precede any jax import)."""
 
+import gc
 import os
 import tempfile
+
+import pytest
 
 # LLVM at -O0: the suite is compile-bound (tiny models; about 60% of an end-to-end test is XLA
 # compiling its steps and sampler), and -O0 compiles in half the time while the tiny programs run
@@ -32,6 +35,44 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
     shutil.rmtree(os.path.join(tempfile.gettempdir(), f"sleep_jax_test_xla_cache_{_RUN}"),
                   ignore_errors=True)
+
+
+def _count_lines(path: str, default: int) -> int:
+  try:
+    with open(path) as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return default
+
+
+def _map_limit() -> int:
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return 65530
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program when a test file ends with the process's memory maps past 40%
+  of the kernel's limit.
+
+  XLA:CPU maps each executable's code into the process (~100 memory maps each), and a long-lived
+  process keeps every program it compiled reachable from jit's caches: one process running
+  test_cycle, test_dreaming and test_model held 53,166 maps, against the kernel's 65,530
+  (`vm.max_map_count`). Past the limit every new mapping fails and XLA segfaults (an xdist worker
+  near the end of a CI run, 2026-12-07; whole-suite `-n 0` runs). One file adds at most ~27,000
+  (test_cycle), so a file starts below 40% and ends below 80%. A later file that runs a dropped
+  program reads it back from the run's compilation cache.
+  """
+  yield
+  if _count_lines("/proc/self/maps", 0) > 0.4 * _map_limit():
+    import jax
+    from sleep_jax.train import step
+    step.clear_step_cache()
+    jax.clear_caches()
+    gc.collect()
 
 
 # The files with the longest end-to-end runs, longest first (CI logs' --durations). pytest.ini

@@ -25,19 +25,6 @@ CFG = tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=
            n_experts=(1, 1), n_slots=2, slot_rank=4, chunk_sizes=(2, 1), max_seq_len=32)
 
 
-@pytest.fixture
-def compile_cache(tmp_path_factory):
-  """Persistent XLA cache shared with the subprocess, so each program compiles once."""
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def _numpy_init(cfg, seed=0):
   rs = np.random.RandomState(seed)
   params = jax.tree.map(lambda s: (0.1 * rs.randn(*s.shape)).astype(np.float32),
@@ -116,7 +103,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, compile_cache):
+def test_kill_and_resume_is_bit_identical(tmp_path):
   data_dir = str(tmp_path / "tfds")  # shared, so the corpus is generated once
   # Uninterrupted reference run: 8 steps.
   ref_dir = str(tmp_path / "ref")
@@ -130,12 +117,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path, compile_cache):
   # Interrupted run, 1: a subprocess (through sleep_jax.main) is SIGKILLed at step 5, after the
   # async save of step 4 was started. Whatever was not committed must be invisible.
   work = str(tmp_path / "work")
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   script = KILL_SCRIPT.format(repo=REPO, kill_step=5, workdir=work)
   script = script.replace('"--config.sample.num=0"',
                           f'"--config.sample.num=0", "--config.data.data_dir={data_dir}"')
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]
   steps = ckpt_lib.Checkpointer(os.path.join(work, "checkpoints"), handle_sigterm=False)
