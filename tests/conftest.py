@@ -37,20 +37,15 @@ def pytest_sessionfinish(session, exitstatus):
                   ignore_errors=True)
 
 
-def _count_lines(path: str, default: int) -> int:
+def _share_of_map_limit() -> float:
+  """This process's memory maps over the kernel's limit (0 where /proc does not say)."""
   try:
-    with open(path) as f:
-      return sum(1 for _ in f)
-  except OSError:  # not Linux
-    return default
-
-
-def _map_limit() -> int:
-  try:
+    with open("/proc/self/maps") as f:
+      maps = sum(1 for _ in f)
     with open("/proc/sys/vm/max_map_count") as f:
-      return int(f.read())
-  except (OSError, ValueError):
-    return 65530
+      return maps / int(f.read())
+  except (OSError, ValueError):  # not Linux
+    return 0.0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,7 +62,7 @@ def _release_compiled_programs():
   program reads it back from the run's compilation cache.
   """
   yield
-  if _count_lines("/proc/self/maps", 0) > 0.4 * _map_limit():
+  if _share_of_map_limit() > 0.4:
     import jax
     from sleep_jax.train import step
     step.clear_step_cache()
