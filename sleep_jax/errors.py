@@ -5,7 +5,8 @@
   (``--debug`` or ``SLEEP_JAX_DEBUG=1`` shows it).
 * ``NonFiniteError``: training diverged (a NaN or inf loss or parameter). The run stops before the
   bad state is checkpointed or scored; one ``error:`` line, exit 3.
-* ``Preempted``: SIGTERM arrived; the run saved at the next safe point. Exit 0.
+* ``Preempted``: SIGTERM arrived; the run stopped at the next safe point with its last
+  checkpoint on disk (the cycle's is the last phase boundary). Exit 0.
 
 Anything else is an internal error and keeps its traceback.
 """
@@ -22,4 +23,4 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-  """SIGTERM: the state was saved at a safe point; the same command resumes."""
+  """SIGTERM: the run stopped with its last checkpoint on disk; the same command resumes."""

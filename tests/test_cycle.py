@@ -86,22 +86,24 @@ def test_resume_after_kill_mid_sleep_equals_uninterrupted(tmp_path, base_cache, 
   _kill_and_resume(tmp_path, base_cache, reference, "sleep_no_dream")
 
 
-def test_sigterm_mid_consolidation_saves_and_resumes_bit_identical(tmp_path, base_cache,
-                                                                    reference, caplog):
-  """A real SIGTERM during the first consolidation: the phase finishes, is saved, the run stops
-  with ``Preempted`` (the command line exits 0), and the resumed run equals the uninterrupted.
-  The warning says where it stops (a phase can take minutes on a real model)."""
+def test_sigterm_mid_consolidation_stops_at_next_step_and_resumes(tmp_path, base_cache,
+                                                                   reference, caplog):
+  """A real SIGTERM during the first consolidation: the run stops at the next step with
+  ``Preempted`` (the command line exits 0) instead of finishing a phase that can take minutes
+  on a real model; the message names the checkpoint it resumes from (the wake before), and the
+  resumed run, which runs the consolidation again, equals the uninterrupted one."""
   def term(phase, chunk, step):
     if phase == "consolidation" and chunk == 0 and step == 1:
       os.kill(os.getpid(), signal.SIGTERM)
 
   work = str(tmp_path / "preempted")
   handler = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(errors.Preempted, match="after chunk 0 phase consolidation"):
+  with pytest.raises(errors.Preempted, match="stopped in chunk 0 phase consolidation "
+                     r"\(consolidation step 1\); .* checkpoint after chunk 0 phase wake"):
     cycle.run_experiment(_config(base_cache, ("sleep_no_dream",)), work, hook=term,
                          log=lambda *_: None)
   assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
-  assert "stop at the end of the current phase" in caplog.text
+  assert "stop at the next step" in caplog.text
   _resume_equals(reference, base_cache, work, "sleep_no_dream")
 
 

@@ -142,6 +142,7 @@ class Checkpointer:
                        DATA: grain.checkpoint.CheckpointHandler(),
                        POSITION: ocp.JsonCheckpointHandler()})
     self._stop_requested = False
+    self._polls = 0
     self._old_handler = None
     if handle_sigterm and threading.current_thread() is threading.main_thread():
       self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -161,6 +162,14 @@ class Checkpointer:
       # Every host must take the same decision at the same step: a save is collective.
       return bool(self.manager.reached_preemption(step))
     return self._stop_requested
+
+  def poll(self) -> bool:
+    """``should_stop`` for a loop that checks more often than it saves (the wake/sleep cycle
+    checks at every optimizer step and saves at phase boundaries): each call is the next id of
+    one counter, so on multi-host jobs every host asks the preemption sync manager at the same
+    increasing ids."""
+    self._polls += 1
+    return self.should_stop(self._polls)
 
   # --- queries ---------------------------------------------------------------------------------
   def latest_step(self) -> Optional[int]:

@@ -84,9 +84,11 @@ def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
     with open(done) as f:
       return json.load(f)
   ckpt_dir = os.path.join(out_dir, "ckpt")
-  # SIGTERM (preemption) asks the loop to stop at the next phase boundary, after its save.
+  # SIGTERM (preemption) stops the run at the next optimizer step or dreaming stage (``poll``
+  # in ``_run_method``): the checkpoint of the last phase boundary is the resume point.
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2, async_save=False,
-                               save_point="the end of the current phase")
+                               save_point="the next step; the phase it cuts short runs again "
+                               "from its start on resume")
   curves = RunLog(out_dir)
   try:
     return _run_method(dataclasses.replace(ctx, log_step=curves.step), ckpt=ckpt, done=done,
@@ -135,6 +137,24 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) ->
   else:
     st.retention_before = answers.retention(s, st.params, st.slot_mask, c.eval)
 
+  # What the newest checkpoint holds, for the message of a stop inside a phase.
+  saved = [f"chunk {st.chunk} phase {PHASES[st.phase - 1]}" if st.phase else
+           f"chunk {st.chunk - 1} phase {PHASES[-1]}" if st.chunk else
+           f"dream-generator step {st.generator_step}" if st.generator_step else None]
+
+  def poll(where: str):
+    """Inside a phase: a stop leaves the last boundary's checkpoint as the resume point.
+    Nothing of the phase cut short was saved or logged, so the resumed run draws its random
+    numbers again and ends exactly as an uninterrupted one."""
+    if ckpt.poll():
+      then = (f"the same command resumes from the checkpoint after {saved[0]} in "
+              f"{ckpt.directory} and runs this phase again" if saved[0] else
+              "nothing was saved yet: the same command starts this run again")
+      raise Preempted(f"SIGTERM: {ctx.name} seed {ctx.seed} stopped in chunk {st.chunk} phase "
+                      f"{PHASES[st.phase]} ({where}); {then}")
+
+  ctx = dataclasses.replace(ctx, poll=poll)
+
   def save(where: str):
     st.counter += 1
     # The phase's curve points reach the files right before the checkpoint that ends it.
@@ -148,7 +168,8 @@ def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) ->
         raise workdir_lib.disk_full(ckpt.directory, os.path.join(ckpt.directory, str(last))
                                     if last is not None else "") from None
       raise
-    if ckpt.should_stop(st.counter):
+    saved[0] = where
+    if ckpt.poll():
       raise Preempted(f"SIGTERM: {ctx.name} seed {ctx.seed} saved after {where} in "
                       f"{ckpt.directory}; run the same command to resume")
 

@@ -73,6 +73,7 @@ def _written_and_kept(st: SleepState, ctx: Context, t: int):
                        "(Setup.environments: data.source='arith')")
     sim = dream_sim.simulate(st.params, ctx.setup, st.slot_mask, dcfg,
                              int(ctx.config.eval.max_new_tokens), ctx.key(t, "simulation"))
+    ctx.poll("dream simulation")
   res = _dream(st, ctx, docs, np.random.default_rng([ctx.seed, t, 17]),
                ctx.key(t, "dreaming"), t, dream_docs=ddocs, simulated=sim)
   if not c.reset_between_chunks:

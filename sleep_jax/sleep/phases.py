@@ -50,6 +50,9 @@ class Context:
   seed: int
   schedule: Tuple[int, ...]  # (C_0, C_1, ...) of this method (``methods.sleep_schedule``)
   hook: Callable[[str, int, int], None] = no_hook  # (phase, chunk, step): tests' kill points
+  # (where, e.g. "consolidation step 3"): raises ``Preempted`` once a stop was asked (SIGTERM).
+  # Called at every optimizer step and dreaming stage, so a long phase stops within a step.
+  poll: Callable[[str], None] = lambda where: None
   progress: Callable[..., Any] = None  # tqdm-like bar factory (``metrics_writer.progress``)
   # (phase, chunk, one optimizer step's metrics): the run's training curves (``RunLog``)
   log_step: Callable[[str, int, Dict[str, float]], None] = no_log
@@ -119,9 +122,17 @@ def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
   ``on_step(i, metrics)`` goes to the run's training curves and (with ``hook``) to the run's
   hook (tests' kill points). With ``stages`` (the named parts of one step, e.g. a dreaming
   round's) it is ``run(on_step, on_stage)`` and the bar moves at each ``on_stage(name)``
-  instead: a step of minutes is not silent."""
+  instead: a step of minutes is not silent. Each step and stage asks ``ctx.poll`` whether the
+  run must stop (SIGTERM)."""
   bar = ctx.progress(total=steps * max(1, len(stages)),
                      desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}", leave=False)
+
+  calls, last = [0], steps * max(1, len(stages))
+
+  def poll(where):
+    calls[0] += 1
+    if calls[0] < last:  # after the last one the phase is about to end and save
+      ctx.poll(where)
 
   def on_step(i, m):
     if not stages:
@@ -129,10 +140,13 @@ def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
     ctx.log_step(phase, t, m)
     if hook:
       ctx.hook(phase, t, i)
+    if not stages:
+      poll(f"{phase} step {i}")
 
   def on_stage(name):
     bar.set_postfix(stage=name)
     bar.update(1)
+    poll(f"{phase}, {name}")
 
   try:
     return run(on_step, on_stage) if stages else run(on_step)
