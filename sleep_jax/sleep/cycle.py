@@ -31,7 +31,7 @@ from sleep_jax.eval.metrics_writer import MetricsWriter, RunLog, progress
 from sleep_jax.model import transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.sleep import dream_phase, phases, run_records, validate
+from sleep_jax.sleep import dream_phase, phases, run_context, run_records, validate
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.sleep_state import SleepState
 
@@ -74,7 +74,7 @@ def check_finite(st: SleepState, metrics: Dict[str, Any], where: str, ckpt_dir: 
         "Lower the learning rate (or check the inputs) and run again")
 
 
-def run_method(ctx: phases.Context, workdir: str, log=print) -> Dict[str, Any]:
+def run_method(ctx: run_context.Context, workdir: str, log=print) -> Dict[str, Any]:
   """One (method, seed) run through every chunk; returns its result (also ``result.json``)."""
   out_dir = run_records.run_dir(workdir, ctx.name, ctx.seed)
   run_records.check_or_claim(ctx.config, out_dir, ctx.name, ctx.seed, log=log)
@@ -110,7 +110,7 @@ def chunk_scalars(st: SleepState, t: int) -> Dict[str, float]:
   return out
 
 
-def fresh_state(ctx: phases.Context) -> SleepState:
+def fresh_state(ctx: run_context.Context) -> SleepState:
   """A run's state before its first phase: the base model with every slot masked, and the dream
   generator when the method dreams."""
   st = SleepState(ctx.setup.params, transformer.slot_mask_none(ctx.setup.cfg))
@@ -126,7 +126,8 @@ def restored_state(st: SleepState, ckpt) -> SleepState:
   return st.restored(restored.state, restored.position)
 
 
-def _run_method(ctx: phases.Context, *, ckpt, done: str, log, curves: RunLog) -> Dict[str, Any]:
+def _run_method(ctx: run_context.Context, *, ckpt, done: str, log, curves: RunLog
+                ) -> Dict[str, Any]:
   s, c = ctx.setup, ctx.config
   # The same jit cache entries as a restored state's (see ``SleepState.committed``).
   st = fresh_state(ctx).committed()
@@ -250,13 +251,13 @@ def place(setup, mesh):
 
 
 def context(config, setup, name: str, seed: int, hook: Optional[Callable] = None
-            ) -> phases.Context:
-  """What a (method, seed) run of ``config`` on ``setup`` holds fixed (``phases.Context``)."""
+            ) -> run_context.Context:
+  """What a (method, seed) run of ``config`` on ``setup`` holds fixed (``run_context.Context``)."""
   method = methods_lib.get(name)
   sched = methods_lib.sleep_schedule(tuple(config.sleep_every) or (1, config.deep_every), method,
                                      setup.cfg.n_levels)
-  return phases.Context(config, setup, name, method, int(seed), sched,
-                        hook=hook or phases.no_hook, progress=progress)
+  return run_context.Context(config, setup, name, method, int(seed), sched,
+                             hook=hook or run_context.no_hook, progress=progress)
 
 
 def run_experiment(config, workdir: str, hook: Optional[Callable] = None, log=print

@@ -13,7 +13,7 @@ import numpy as np
 from sleep_jax.eval import answers
 from sleep_jax.eval import qa as qa_eval
 from sleep_jax.sleep import dream_batches, dream_qa, dreaming
-from sleep_jax.sleep.phases import Context
+from sleep_jax.sleep.run_context import Context
 from sleep_jax.sleep.sleep_state import SleepState
 from sleep_jax.tasks import base as task_lib
 

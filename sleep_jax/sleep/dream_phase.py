@@ -12,7 +12,8 @@ from sleep_jax.eval import qa as qa_eval
 from sleep_jax.sleep import consolidation, dream_batches, dream_qa, dream_sim, dreaming, phases
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.dream_inputs import closed_book_view, dream_inputs, dream_texts, qa_view
-from sleep_jax.sleep.phases import Context, dreams_as_rows
+from sleep_jax.sleep.phases import dreams_as_rows
+from sleep_jax.sleep.run_context import Context, with_progress
 from sleep_jax.sleep.sleep_state import SleepState
 from sleep_jax.tasks import base as task_lib
 from sleep_jax.train import fit as fit_lib
@@ -54,8 +55,8 @@ def _dream(st: SleepState, ctx: Context, docs, rng_np, key, t: Optional[int] = N
       on_stage=on_stage)
   if t is None:
     return run(None)
-  return phases.with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False,
-                              stages=dreaming.STAGES)
+  return with_progress(ctx, t, "dreaming", int(dcfg.rounds), run, hook=False,
+                       stages=dreaming.STAGES)
 
 
 def _written_and_kept(st: SleepState, ctx: Context, t: int):
@@ -214,7 +215,7 @@ def dream(st: SleepState, ctx: Context, t: int) -> Tuple[SleepState, Metrics]:
         st.params, s.cfg, teacher, max_new_tokens=int(kcfg.max_new_tokens),
         stop_tokens=s.fmt.stop_ids, pad_id=s.tok.pad_id, slot_mask=st.slot_mask)
     info["dream_training_items"] = len(teacher)
-  out = phases.with_progress(ctx, t, "dream_training", steps, lambda on_step: (
+  out = with_progress(ctx, t, "dream_training", steps, lambda on_step: (
       consolidation.consolidate_data(
           st.params, st.slot_mask, s.cfg, teacher, student, completions, kcfg,
           phases.FAST_LEVEL, st.slot, ctx.key(t, "dream_training"),

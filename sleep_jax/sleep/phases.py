@@ -1,21 +1,17 @@
 """The phases of one wake/sleep chunk, as functions ``phase(state, ctx, t) -> (state, metrics)``.
 
-``state`` is the run's ``SleepState``; ``ctx`` (``Context``) holds what does not change during a
-run: the config, the task's ``Setup``, the method's row of ``methods.METHODS``, the seed and the
-callbacks. Every random number derives from (seed, method, chunk, phase) (``Context.key``), so a
-resumed run draws exactly what an uninterrupted one would. Which phases run for a method is the
-table's business: a phase that has nothing to do for it returns the state unchanged.
+``state`` is the run's ``SleepState``; ``ctx`` (``run_context.Context``) holds what does not
+change during a run: the config, the task's ``Setup``, the method, the seed and the callbacks.
+Which phases run for a method is the table's business (``methods.METHODS``): a phase that has
+nothing to do for it returns the state unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import zlib
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from sleep_jax.eval import answers
@@ -23,6 +19,7 @@ from sleep_jax.model import growth, slot_keys
 from sleep_jax.sleep import consolidation, consolidation_config, dream_qa, dreaming, teacher_trust
 from sleep_jax.sleep import methods as methods_lib
 from sleep_jax.sleep.memory import Episode
+from sleep_jax.sleep.run_context import Context, with_progress
 from sleep_jax.sleep.sleep_state import SleepState
 from sleep_jax.tasks import base as task_lib
 from sleep_jax.train import fit as fit_lib
@@ -31,38 +28,6 @@ from sleep_jax.train import state as state_lib
 Metrics = Dict[str, Any]
 FAST_LEVEL = 0  # the CMS level a chunk's consolidation (and its dreams) write into
 DREAM_QUESTIONS = "dream_questions"  # episodic-memory meta: a passage's accepted dream questions
-
-
-def no_hook(phase: str, chunk: int, step: int) -> None:
-  del phase, chunk, step
-
-
-def no_log(phase: str, chunk: int, metrics: Dict[str, float]) -> None:
-  del phase, chunk, metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-  config: ml_collections.ConfigDict
-  setup: task_lib.Setup
-  name: str  # the method's name
-  method: methods_lib.Method
-  seed: int
-  schedule: Tuple[int, ...]  # (C_0, C_1, ...) of this method (``methods.sleep_schedule``)
-  hook: Callable[[str, int, int], None] = no_hook  # (phase, chunk, step): tests' kill points
-  # (where, e.g. "consolidation step 3"): raises ``Preempted`` once a stop was asked (SIGTERM).
-  # Called at every optimizer step and dreaming stage, so a long phase stops within a step.
-  poll: Callable[[str], None] = lambda where: None
-  progress: Callable[..., Any] = None  # tqdm-like bar factory (``metrics_writer.progress``)
-  # (phase, chunk, one optimizer step's metrics): the run's training curves (``RunLog``)
-  log_step: Callable[[str, int, Dict[str, float]], None] = no_log
-
-  def key(self, *parts) -> jax.Array:
-    """Every random number of a run derives from (seed, method, chunk, phase): resumable."""
-    k = jax.random.key(self.seed)
-    for p in (self.name,) + parts:
-      k = jax.random.fold_in(k, zlib.crc32(str(p).encode()) & 0x7FFFFFFF)
-    return k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,44 +79,6 @@ def _consolidate(st: SleepState, ctx: Context, teacher, student, kcfg, t, phase,
       stop_tokens=ctx.setup.fmt.stop_ids, pad_id=ctx.setup.tok.pad_id,
       decode=ctx.setup.tok.decode, judge=judge, on_step=on_step, golds=golds,
       gate_targets=gate_targets, keys=keys, verify=verify))
-
-
-def with_progress(ctx: Context, t: int, phase: str, steps: int, run: Callable,
-                  hook: bool = True, stages: Sequence[str] = ()):
-  """``run(on_step)`` under a progress bar named for the method, seed, chunk and phase; every
-  ``on_step(i, metrics)`` goes to the run's training curves and (with ``hook``) to the run's
-  hook (tests' kill points). With ``stages`` (the named parts of one step, e.g. a dreaming
-  round's) it is ``run(on_step, on_stage)`` and the bar moves at each ``on_stage(name)``
-  instead: a step of minutes is not silent. Each step and stage asks ``ctx.poll`` whether the
-  run must stop (SIGTERM)."""
-  bar = ctx.progress(total=steps * max(1, len(stages)),
-                     desc=f"{ctx.name} seed {ctx.seed} chunk {t} {phase}", leave=False)
-
-  calls, last = [0], steps * max(1, len(stages))
-
-  def poll(where):
-    calls[0] += 1
-    if calls[0] < last:  # after the last one the phase is about to end and save
-      ctx.poll(where)
-
-  def on_step(i, m):
-    if not stages:
-      bar.update(1)
-    ctx.log_step(phase, t, m)
-    if hook:
-      ctx.hook(phase, t, i)
-    if not stages:
-      poll(f"{phase} step {i}")
-
-  def on_stage(name):
-    bar.set_postfix(stage=name)
-    bar.update(1)
-    poll(f"{phase}, {name}")
-
-  try:
-    return run(on_step, on_stage) if stages else run(on_step)
-  finally:
-    bar.close()
 
 
 def consolidate(st: SleepState, ctx: Context, t: int, extra=None,
