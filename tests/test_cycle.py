@@ -107,6 +107,26 @@ def test_sigterm_mid_consolidation_stops_at_next_step_and_resumes(tmp_path, base
   _resume_equals(reference, base_cache, work, "sleep_no_dream")
 
 
+def test_sigterm_in_a_phase_without_steps_stops_after_its_save(tmp_path, base_cache, reference,
+                                                               monkeypatch):
+  """A SIGTERM during a phase that has no steps to stop at (the wake) stops the run at the
+  checkpoint that ends the phase; the resumed run equals the uninterrupted one."""
+  wake = cycle.PHASE_FNS[0]
+
+  def wake_then_term(st, ctx, t):
+    out = wake(st, ctx, t)
+    if t == 0:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(cycle, "PHASE_FNS", (wake_then_term,) + cycle.PHASE_FNS[1:])
+  work = str(tmp_path / "preempted")
+  with pytest.raises(errors.Preempted, match="saved after chunk 0 phase wake"):
+    cycle.run_experiment(_config(base_cache, ("sleep_no_dream",)), work, log=lambda *_: None)
+  monkeypatch.undo()
+  _resume_equals(reference, base_cache, work, "sleep_no_dream")
+
+
 @pytest.mark.slow
 def test_resume_with_dreaming_equals_uninterrupted(tmp_path, base_cache, reference):
   _kill_and_resume(tmp_path, base_cache, reference, "sleep")
