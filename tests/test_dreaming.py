@@ -308,6 +308,23 @@ def test_dream_loop_accepts_by_margin_and_disables(setup):
   assert len(off) == 0 and off.metrics == []
 
 
+def test_own_dreams_off_accepts_only_the_offered_candidates(setup):
+  """``accept_own=False``: the same rounds (selection, trials, the generator's ReST-EM), and of
+  the accepted dreams only the offered candidates (dream simulation's trajectories) remain."""
+  params, mask, _, task, _, _ = setup
+  cand = DB.fixed_dreams([[1, 5, 6], [1, 9]], [[20, 21, 2], [22, 2]])
+  run = lambda **kw: D.dream(params, CFG, mask, PROMPTS, task, key(7),
+                             _small_config(margin=-1e9, k=4, b=2, **kw), stop_tokens=STOP,
+                             candidates=cand)
+  both, offered = run(), run(accept_own=False)
+  assert (both.prompt_index >= 0).any() and (both.prompt_index < 0).any()
+  assert len(offered) == int((both.prompt_index < 0).sum()) > 0
+  assert (offered.prompt_index < 0).all()
+  assert [m["selected"] for m in both.metrics] == [m["selected"] for m in offered.metrics]
+  for a, b in zip(jax.tree.leaves(both.generator.lora), jax.tree.leaves(offered.generator.lora)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_config_ablations():
   """The dreaming ablations are rows of the one method table, applied as config overrides."""
   dc = lambda name: methods.dreaming_config(methods.get(name), D.default_config())

@@ -131,6 +131,10 @@ def default_config() -> ml_collections.ConfigDict:
   # cannot run, the model attempts each valid one ``simulate`` times, and the verified
   # trajectories compete with the other dreams in selection and the trials. 0: off.
   c.simulate = 0
+  # False: a dream the model wrote itself is never accepted (it is still scored, tried and
+  # taught to the generator as before); only offered candidates (dream simulation's verified
+  # trajectories) reach consolidation. The ablation that tells which accepted dreams matter.
+  c.accept_own = True
   c.simulate_envs = 32
   c.simulate_tokens = 96  # most tokens of one environment (problem + program)
   # ReST-EM on the dream generator (step 6): a generator LoRA that persists across rounds.
@@ -295,6 +299,8 @@ class Dreamer:
       written += [(r[c].tolist(), int(i)) for r, c, i in zip(
           np.asarray(w.tokens), np.asarray(w.completion_mask, bool), prompt_idx)]
       ok = rewards > 0
+      if not self.config.get("accept_own", True):
+        ok &= prompt_idx[idx] < 0  # offered candidates only
       acc["tokens"].append(np.asarray(kept.tokens)[ok])
       acc["valid"].append(np.asarray(kept.valid)[ok])
       acc["completion_mask"].append(np.asarray(kept.completion_mask)[ok])
