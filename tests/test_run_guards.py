@@ -62,6 +62,16 @@ def test_changed_config_stops_narrowed_methods_reuse_and_results_keep_every_run(
   assert any("restarting the run" in m for m in logs)
   assert set(res["methods"]) == {"base"}
 
+  # A run recorded under the earlier random-number scheme (no ``random_numbers`` key) is another
+  # config: its draws were not this code's.
+  path = os.path.join(work, "runs/base/seed_0/config.json")
+  rec = json.load(open(path))
+  del rec["random_numbers"]
+  json.dump(rec, open(path, "w"))
+  c.on_config_change = "error"
+  with pytest.raises(errors.UserError, match="random_numbers"):
+    cycle.run_experiment(c, work, log=lambda *_: None)
+
 
 def test_nan_stops_the_run_naming_the_phase_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                                 base_cache):

@@ -3,8 +3,8 @@
 In the order things happen: devices and mesh; the task's setup (model + wake stream); per
 (method, seed): restore or start the ``SleepState``, train the dream generator (tasks that have
 generator documents), then per chunk the phases wake -> consolidation -> dreaming -> deep sleep
--> eval, with a checkpoint after each. Since every random number derives from (seed, method,
-chunk, phase), a killed run resumes at the last phase boundary and ends exactly as an
+-> eval, with a checkpoint after each. Since every random number derives from (seed, chunk,
+phase) (``Context.key``), a killed run resumes at the last phase boundary and ends exactly as an
 uninterrupted one. Finished runs are kept as ``result.json`` and skipped.
 """
 

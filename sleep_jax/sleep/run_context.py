@@ -3,8 +3,9 @@ progress bar, training curves, test hooks and stop checks every phase's loops go
 (``with_progress``).
 
 ``Context`` holds the config, the task's ``Setup``, the method's row of ``methods.METHODS``, the
-seed and the callbacks. Every random number derives from (seed, method, chunk, phase)
-(``Context.key``), so a resumed run draws exactly what an uninterrupted one would.
+seed and the callbacks. Every random number derives from (seed, chunk, phase) (``Context.key``),
+so a resumed run draws exactly what an uninterrupted one would, and two methods draw the same
+numbers where they do the same thing.
 """
 
 from __future__ import annotations
@@ -45,9 +46,14 @@ class Context:
   log_step: Callable[[str, int, Dict[str, float]], None] = no_log
 
   def key(self, *parts) -> jax.Array:
-    """Every random number of a run derives from (seed, method, chunk, phase): resumable."""
+    """Every random number of a run derives from (seed, chunk, phase): resumable, and common
+    to the methods. The method is not part of the key, so two methods that do the same thing in
+    a phase (the same batches, slot initialisations, replay picks, samples) do it with the same
+    numbers, and their difference on one seed is the methods' difference, not the draws'
+    (common random numbers). With the method in the key, Sleep and Sleep without dreams
+    differed on seeds where no dream reached training (experiments/reasoning/README.md)."""
     k = jax.random.key(self.seed)
-    for p in (self.name,) + parts:
+    for p in parts:
       k = jax.random.fold_in(k, zlib.crc32(str(p).encode()) & 0x7FFFFFFF)
     return k
 

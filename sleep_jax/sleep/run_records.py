@@ -10,7 +10,9 @@ run killed for memory resumes with a smaller group or more recomputation. A late
 reuses (or resumes) the run only when that config equals its own; otherwise it stops naming
 the differing keys, or with ``--config.on_config_change=restart`` starts the run afresh.
 ``finished_runs`` lists every finished run of the workdir with the current config, for the
-results table.
+results table. The record also names how the run draws its random numbers (``RANDOM_NUMBERS``):
+a run recorded under another scheme is not resumed or reused either, since its checkpoints and
+results came from other draws.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ PRESENTATION_KEYS = ("methods", "seeds", "on_config_change", "mesh", "distribute
 BATCHING_KEYS = ("dreaming.parallel_dreams", "model_remat")
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
+# How a run's random numbers derive (``run_context.Context.key``); recorded with its config. Runs
+# recorded before it drew from (seed, method, chunk, phase).
+RANDOM_NUMBERS = "seed, chunk, phase"
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:
@@ -49,8 +54,10 @@ def _relevant(flat: Dict[str, object]) -> Dict[str, object]:
 
 
 def relevant_config(config) -> Dict[str, object]:
-  """The flat {dotted key: value} of every result-relevant key, JSON-normalised."""
-  return _relevant(flat_config(json.loads(config.to_json_best_effort())))
+  """The flat {dotted key: value} of every result-relevant key, JSON-normalised, and the
+  random-number scheme (``random_numbers``)."""
+  flat = flat_config(json.loads(config.to_json_best_effort()))
+  return _relevant({**flat, "random_numbers": RANDOM_NUMBERS})
 
 
 def recorded_config(path: str) -> Dict[str, object]:
