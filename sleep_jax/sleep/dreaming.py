@@ -299,7 +299,7 @@ class Dreamer:
       written += [(r[c].tolist(), int(i)) for r, c, i in zip(
           np.asarray(w.tokens), np.asarray(w.completion_mask, bool), prompt_idx)]
       ok = rewards > 0
-      if not self.config.get("accept_own", True):
+      if not self.config.accept_own:
         ok &= prompt_idx[idx] < 0  # offered candidates only
       acc["tokens"].append(np.asarray(kept.tokens)[ok])
       acc["valid"].append(np.asarray(kept.valid)[ok])
