@@ -214,6 +214,7 @@ def test_methods_draw_common_random_numbers(tmp_path, base_cache, reference):
   assert sum(i.get("dreams_accepted", 0) for i in sleep["info"]) == 0
   assert sleep["params_sha1"] == plain["params_sha1"] and sleep["R"] == plain["R"]
 
+
 def test_kill_9_of_the_command_during_a_checkpoint_save_resumes_bit_identical(
     tmp_path, base_cache, reference):
   """A real SIGKILL of ``python -m sleep_jax.main`` in the middle of its second checkpoint save

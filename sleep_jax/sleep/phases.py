@@ -172,7 +172,8 @@ def replayed_dream_items(st: SleepState, ctx: Context, replayed, mode: str):
 def replayed_documents(ctx: Context, t: int, fraction: float) -> list:
   """Replay: ``fraction`` x as many documents as chunk t has, drawn uniformly from the earlier
   chunks (their passages are the episodic memory), so a sleep re-distils what earlier sleeps
-  stored instead of overwriting it. The draw depends on (seed, chunk) only: every method replays the same documents."""
+  stored instead of overwriting it. The draw depends on (seed, chunk) only: every method
+  replays the same documents."""
   old = [d for ch in ctx.setup.chunks[:t] for d in ch]
   n = min(len(old), int(round(fraction * len(ctx.setup.chunks[t]))))
   if n == 0:
