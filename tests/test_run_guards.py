@@ -65,9 +65,11 @@ def test_changed_config_stops_narrowed_methods_reuse_and_results_keep_every_run(
   # A run recorded under the earlier random-number scheme (no ``random_numbers`` key) is another
   # config: its draws were not this code's.
   path = os.path.join(work, "runs/base/seed_0/config.json")
-  rec = json.load(open(path))
+  with open(path) as f:
+    rec = json.load(f)
   del rec["random_numbers"]
-  json.dump(rec, open(path, "w"))
+  with open(path, "w") as f:
+    json.dump(rec, f)
   c.on_config_change = "error"
   with pytest.raises(errors.UserError, match="random_numbers"):
     cycle.run_experiment(c, work, log=lambda *_: None)
