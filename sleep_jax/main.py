@@ -47,12 +47,17 @@ def _load(ref: str):
   return getattr(importlib.import_module(module), fn)
 
 
-def resolve_job(name: str):
+def check_job(name: str) -> str:
+  """``name`` if it is a job, else a UserError naming the nearest ones (imports nothing)."""
   if name not in JOBS:
     near = difflib.get_close_matches(name, list(JOBS), n=3)
     raise errors.UserError(f"unknown job {name!r}" + (f"; did you mean {near}?" if near else "")
                            + f" Jobs: {sorted(JOBS)}")
-  return _load(JOBS[name])
+  return name
+
+
+def resolve_job(name: str):
+  return _load(JOBS[check_job(name)])
 
 
 def _quiet_orbax(record) -> bool:
@@ -66,14 +71,15 @@ def main(argv):
     if len(argv) > 1:
       raise errors.UserError(f"unexpected arguments: {argv[1:]}")
     config, workdir = _CONFIG.value, _WORKDIR.value
-    job = resolve_job(config.job)
+    check_job(config.job)
     workdir_lib.prepare(workdir)
-    if config.job in CHECKS:
+    if config.job in CHECKS:  # before the job's module (jax) is imported: errors come at once
       _load(CHECKS[config.job])(config)
     lock = None
     if config.get("distributed", "off") == "off" and not workdir_lib.is_remote(workdir):
       lock = workdir_lib.Lock(workdir).acquire()
     try:
+      job = resolve_job(config.job)  # the job's module imports jax: after every check above
       # Before anything touches a device: multi-host jobs must initialise jax.distributed first.
       from sleep_jax.parallel import mesh as mesh_lib
       mesh_lib.initialize_distributed(config.distributed)

@@ -86,3 +86,38 @@ def test_unknown_job_is_a_user_error():
   from sleep_jax.errors import UserError
   with pytest.raises(UserError, match="train_lm"):
     main.resolve_job("train_llm")
+
+
+def test_task_sources_name_their_tasks():
+  from sleep_jax import tasks
+  from sleep_jax.errors import UserError
+  for source in tasks.SOURCES:
+    assert tasks.get(source).name == source
+  with pytest.raises(UserError, match="Did you mean 'world'"):
+    tasks.check_source("wrld")
+
+
+# Every config file, every listed variant, the help text and the config check, in a fresh
+# process: the modules of the jax stack it imported (none, so a bad config fails fast).
+_JAX_FREE = """
+import os, sys
+from sleep_jax import main
+from sleep_jax.configs import loader
+from sleep_jax.sleep import validate
+main.help_text()
+here = os.path.join("sleep_jax", "configs")
+for name in sorted(os.listdir(here)):
+  if name.endswith(".py") and name not in ("__init__.py", "loader.py"):
+    module = loader.load_module(os.path.join(here, name))
+    for variant in getattr(module, "HELP", {}):
+      module.get_config(variant)
+validate.check(loader.load_module(os.path.join(here, "knowledge.py")).get_config("test"))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "optax", "orbax")))
+"""
+
+
+def test_config_files_and_the_config_check_import_no_jax():
+  p = subprocess.run([sys.executable, "-c", _JAX_FREE], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.strip() == "[]"

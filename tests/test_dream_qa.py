@@ -72,8 +72,8 @@ def test_title_templates_and_query_format_student_prompts():
   student of such a dream is asked the template without the passage (the query format)."""
   from sleep_jax.data import world as world_lib
   from sleep_jax.sleep import dream_phase
-  from sleep_jax.tasks import pretrain
-  w = world_lib.World(pretrain.runlocal().world)
+  from sleep_jax.tasks import pretrain_recipe
+  w = world_lib.World(pretrain_recipe.runlocal().world)
   fmt = documents.WorldFormat(w.tokenizer)
   docs = documents.world_documents(w, w.chunk(0)[:2])
   p = w.chunk(0)[1]
@@ -116,8 +116,8 @@ def test_closed_book_view_hides_exactly_the_passage():
   import pytest
   from sleep_jax.data import world as world_lib
   from sleep_jax.sleep import dream_batches, dream_inputs
-  from sleep_jax.tasks import pretrain
-  w = world_lib.World(pretrain.runlocal().world)
+  from sleep_jax.tasks import pretrain_recipe
+  w = world_lib.World(pretrain_recipe.runlocal().world)
   fmt = documents.WorldFormat(w.tokenizer)
   docs = documents.world_documents(w, w.chunk(0)[:2])
   templates = {"question": "{context} Q: {title}"}

@@ -8,11 +8,11 @@ import pytest
 
 from sleep_jax.data import world_encode
 from sleep_jax.eval import qa as qa_eval, world_probes
-from sleep_jax.tasks import base_cache, pretrain as pretrain_lib
+from sleep_jax.tasks import base_cache, pretrain as pretrain_lib, pretrain_recipe as recipe_lib
 
 
 def test_pretrain_caches_and_reloads_bit_identically(tmp_path):
-  recipe = pretrain_lib.runlocal()
+  recipe = recipe_lib.runlocal()
   logs = []
   base = base_cache.pretrain_or_load(str(tmp_path), recipe, log=logs.append)
   assert base.metrics["steps"] == recipe.max_steps
@@ -47,7 +47,7 @@ def _tiny_world_model():
   """The unit-test world of ``runlocal()`` and an untrained model over its vocabulary."""
   from sleep_jax.data import world as world_lib
   from sleep_jax.model import transformer
-  recipe = pretrain_lib.runlocal()
+  recipe = recipe_lib.runlocal()
   w = world_lib.World(recipe.world)
   cfg = recipe.model_config(w.tokenizer.vocab_size)
   return w, w.tokenizer, cfg, transformer.init(jax.random.PRNGKey(1), cfg)
@@ -73,19 +73,18 @@ def test_exact_match_agrees_with_greedy_sampler():
 
 
 def test_recipe_json_round_trip():
-  r = pretrain_lib.PretrainConfig()
-  assert pretrain_lib.PretrainConfig.from_json(r.to_json()) == r
+  r = recipe_lib.PretrainConfig()
+  assert recipe_lib.PretrainConfig.from_json(r.to_json()) == r
   # A recipe saved before a field existed reads as what it was trained with, not as the default.
   old = r.to_json()
   for k in ("qk_norm", "multi_min_sentences", "multi_max_sentences", "head_dim",
             "sentence_curriculum_steps"):
     del old[k]
-  legacy = pretrain_lib.PretrainConfig.from_json(old)
+  legacy = recipe_lib.PretrainConfig.from_json(old)
   assert legacy != r and not legacy.qk_norm and legacy.multi_min_sentences == 5
 
 
 def test_weighted_loss_and_dream_quality():
-  from sleep_jax.data import world as world_lib
   w, tok, cfg, params = _tiny_world_model()
   p = w.population("reading")[0]
   exs = [w.multi_question(p, ["city", "field"], [0, 1], question_weight=0.5),
@@ -108,7 +107,7 @@ def test_weighted_loss_and_dream_quality():
 def test_packaged_base_is_the_default_recipe_and_reads():
   """The shipped base model (sleep_jax/assets) is what the default recipe would train: same
   recipe, same vocabulary, and it reads never-seen people in context with held-out wordings."""
-  recipe = pretrain_lib.PretrainConfig()
+  recipe = recipe_lib.PretrainConfig()
   d = base_cache.packaged_base(recipe)
   assert d is not None, ("no packaged base model for PretrainConfig(): retrain it with "
                          "`python -m sleep_jax.tasks.pretrain sleep_jax/assets/world_base`")
@@ -123,17 +122,18 @@ def test_packaged_base_is_the_default_recipe_and_reads():
 
 def test_packaged_base_is_used_by_pretrain_or_load(tmp_path):
   log = []
-  base = base_cache.pretrain_or_load(str(tmp_path / "base"), pretrain_lib.PretrainConfig(), log=log.append)
+  base = base_cache.pretrain_or_load(str(tmp_path / "base"), recipe_lib.PretrainConfig(),
+                                     log=log.append)
   assert "packaged" in log[0] and base_cache.is_cached(str(tmp_path / "base"))
-  assert base_cache.packaged_base(pretrain_lib.PretrainConfig(lr=1.0)) is None
-  assert base.recipe == pretrain_lib.PretrainConfig()
+  assert base_cache.packaged_base(recipe_lib.PretrainConfig(lr=1.0)) is None
+  assert base.recipe == recipe_lib.PretrainConfig()
 
 
 def test_sentence_curriculum_grows_the_passage():
   """``sentence_curriculum_steps``: the most sentences a multi-question passage keeps grows
   linearly from ``multi_min_sentences`` to ``multi_max_sentences``; without it (the default)
   every step keeps 1-5 sentences."""
-  default = pretrain_lib.PretrainConfig()
+  default = recipe_lib.PretrainConfig()
   assert pretrain_lib.sample_kwargs(default, 1)["n_sentences"] == (1, 5)
   r = dataclasses.replace(default, sentence_curriculum_steps=400)
   his = [pretrain_lib.sample_kwargs(r, s)["n_sentences"] for s in (0, 99, 100, 250, 399, 400)]
@@ -149,11 +149,11 @@ def test_sentence_curriculum_grows_the_passage():
 def test_closed_book_stage_trains_recall_batches_and_checks_its_parent():
   """Every other step is a short all-closed-book batch; the stopping rule reports QA recall;
   a second stage refuses a parent whose model config is not the recipe's."""
-  recipe = dataclasses.replace(pretrain_lib.runlocal(), closed_batch_size=8, target_closed=0.5)
+  recipe = dataclasses.replace(recipe_lib.runlocal(), closed_batch_size=8, target_closed=0.5)
   base = pretrain_lib.pretrain(recipe, log=lambda *_: None)
   assert all("closed_book_qa" in h for h in base.metrics["history"])
   with pytest.raises(ValueError, match="init_from='world_base'"):
     pretrain_lib.pretrain(dataclasses.replace(recipe, init_from="world_base"),
                           log=lambda *_: None)
   # The shipped second-stage base is found for its recipe (the knowledge config's "recall").
-  assert base_cache.packaged_base(pretrain_lib.recall_recipe()).endswith("world_base_recall")
+  assert base_cache.packaged_base(recipe_lib.recall_recipe()).endswith("world_base_recall")

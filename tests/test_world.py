@@ -230,8 +230,8 @@ def test_anchor_prompts_and_question_rows():
   question rows are the closed-book prompt + the supported answer, loss on the answer."""
   import types
   from sleep_jax.data import documents
-  from sleep_jax.tasks import base as task_base, pretrain, world as world_task
-  w = world_lib.World(pretrain.runlocal().world)
+  from sleep_jax.tasks import base as task_base, pretrain_recipe, world as world_task
+  w = world_lib.World(pretrain_recipe.runlocal().world)
   fmt = documents.WorldFormat(w.tokenizer)
   anchors = world_task._anchor_prompts(w, fmt, 5, 6)
   assert len(anchors) == 6
@@ -270,8 +270,8 @@ def test_value_anchors_ask_for_the_chunk_values_about_known_people():
   new chunk teaches, round-robin over those values, deterministic in the rng."""
   import types
   from sleep_jax.data import documents
-  from sleep_jax.tasks import base as task_base, pretrain, world as world_task
-  w = world_lib.World(pretrain.runlocal().world)
+  from sleep_jax.tasks import base as task_base, pretrain_recipe, world as world_task
+  w = world_lib.World(pretrain_recipe.runlocal().world)
   fmt = documents.WorldFormat(w.tokenizer)
   by_value = world_task._anchors_by_value(w, fmt, 5)
   setup = types.SimpleNamespace(anchors_by_value=by_value)

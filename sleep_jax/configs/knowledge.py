@@ -41,8 +41,8 @@ import json
 import ml_collections
 
 from sleep_jax.configs import knowledge_smollm2 as smollm2
-from sleep_jax.sleep import consolidation, dreaming
-from sleep_jax.tasks import pretrain
+from sleep_jax.sleep import consolidation_config, dreaming_config
+from sleep_jax.tasks import pretrain_recipe
 
 HELP = {
     "default": "the README's main job: written dreams, keyed slots, every main method (~8 min)",
@@ -79,7 +79,7 @@ ALL_METHODS = MAIN_METHODS + ("sft_selfgen", "sleep_no_imitation", "sleep_no_sem
                               "sleep_no_grad_selection")
 
 
-def _base_recipe(recipe: pretrain.PretrainConfig) -> ml_collections.ConfigDict:
+def _base_recipe(recipe: pretrain_recipe.PretrainConfig) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(json.dumps(dataclasses.asdict(recipe))))
 
 
@@ -129,12 +129,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # inputs that name one. 0 = off.
   c.model_slot_keys = 0
   c.model_slot_key_len = 0
-  c.base = _base_recipe(pretrain.PretrainConfig())
+  c.base = _base_recipe(pretrain_recipe.PretrainConfig())
   c.seq_len = c.base.seq_len
   c.world_chunks = 3  # T wake chunks used (<= base.world.n_chunks)
 
   # Sleep: consolidation into the fast level every chunk; deep sleep into the slow level.
-  k = consolidation.default_config()
+  k = consolidation_config.default_config()
   k.steps = 60
   k.batch_size = 16
   k.optimizer = _optimizer(1e-2)  # the new slot
@@ -153,7 +153,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Dream-generator training before the stream: passes over the task's generator documents.
   c.generator_training = ml_collections.ConfigDict(dict(epochs=0))
 
-  d = dreaming.default_config()
+  d = dreaming_config.default_config()
   d.rounds = 2
   d.m = 16
   d.max_new_tokens = 12
@@ -197,12 +197,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.world_chunks = 5
     c.deep_every = 2
   elif variant in ("recall", "capacity", "questions", "written", "written_sticky") + _MAIN:
-    # A base that recalls its own QA population closed-book (``pretrain.recall_recipe``, shipped)
-    # and the storage levers (experiments/knowledge_incorporation/README.md, tenth session):
-    # off-policy distillation of the in-context teacher plus cross-entropy on the supported
-    # answers, 8x the steps (tens of exposures per fact), anchor prompts distilled from the
-    # waking model. SFT and OPSD get the same steps.
-    c.base = _base_recipe(pretrain.recall_recipe())
+    # A base that recalls its own QA population closed-book (``pretrain_recipe.recall_recipe``,
+    # shipped) and the storage levers (experiments/knowledge_incorporation/README.md, tenth
+    # session): off-policy distillation of the in-context teacher plus cross-entropy on the
+    # supported answers, 8x the steps (tens of exposures per fact), anchor prompts distilled from
+    # the waking model. SFT and OPSD get the same steps.
+    c.base = _base_recipe(pretrain_recipe.recall_recipe())
     c.methods = ("base", "in_context", "sft", "sft_questions", "sleep_no_dream")
     k = c.consolidation
     k.steps, k.lam, k.alpha, k.ce_weight, k.anchor_prompts = 480, 0.0, 1.0, 1.0, 360
@@ -300,7 +300,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     smollm2.apply(c, variant, ALL_METHODS)
   elif variant == "test":
     c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
-    c.base = _base_recipe(pretrain.runlocal())
+    c.base = _base_recipe(pretrain_recipe.runlocal())
     c.seq_len = c.base.seq_len
     c.world_chunks = 2
     c.consolidation.steps = 3

@@ -25,15 +25,15 @@ import ml_collections
 
 from sleep_jax.configs import knowledge
 from sleep_jax.data import long_horizon as lh
-from sleep_jax.tasks import pretrain
+from sleep_jax.tasks import pretrain_recipe
 
 METHODS = ("base", "in_context", "in_context_window", "sft", "sleep_l1", "sleep_l2", "sleep_l4")
 
 
-def stream_recipe() -> pretrain.PretrainConfig:
+def stream_recipe() -> pretrain_recipe.PretrainConfig:
   """The stream base model: 4 CMS levels (slots-only fast levels; the MLP is the slowest), 8
   slots per level (sleep_l1 puts all 8 chunks of a stream into level 0)."""
-  return pretrain.PretrainConfig(
+  return pretrain_recipe.PretrainConfig(
       corpus="streams", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=(0, 0, 0, 128),
       n_experts=(1, 1, 1, 1), chunk_sizes=(1, 1, 1, 1), n_slots=8, slot_rank=8, seq_len=96,
       train_seq_len=128, batch_size=32, lr=3e-3, warmup_steps=50, max_steps=1500,
@@ -77,7 +77,7 @@ def get_config(variant: str = "needles") -> ml_collections.ConfigDict:
   elif variant == "test":
     c.mesh.data = 1  # one device: the unit tests' 8 fake devices would only slow them
     r = stream_recipe()
-    c.base = knowledge._base_recipe(pretrain.PretrainConfig(
+    c.base = knowledge._base_recipe(pretrain_recipe.PretrainConfig(
         corpus="streams", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=(0, 0, 0, 32),
         n_experts=(1, 1, 1, 1), chunk_sizes=(1, 1, 1, 1), n_slots=4, slot_rank=4,
         seq_len=r.seq_len, train_seq_len=r.seq_len, batch_size=4, max_steps=2, eval_every=2,

@@ -33,8 +33,8 @@ from __future__ import annotations
 import ml_collections
 
 from sleep_jax.configs import knowledge
-from sleep_jax.tasks import reasoning
-from sleep_jax.train import grpo
+from sleep_jax.data import arith_corpus
+from sleep_jax.train import grpo_config
 
 METHODS = ("base", "sft_questions", "grpo", "opsd", "opsd_expansion", "sleep_no_dream",
            "sleep", "sleep_no_simulation")  # + "sleep_no_imitation" etc. on the command line
@@ -66,7 +66,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.deep_every = 1000  # one CMS level receives every chunk (no deep sleep in this stream)
 
   b = c.base
-  for key, value in reasoning.recipe_fields().items():
+  for key, value in arith_corpus.recipe_fields().items():
     b[key] = value
   b.d_model, b.n_layers, b.n_heads, b.n_kv_heads, b.d_ff = 128, 4, 8, 4, (0, 512)
   b.seq_len = b.train_seq_len = 160
@@ -95,7 +95,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   k.lr_existing = 1e-4
   c.sft.steps, c.sft.batch_size = steps, 16
   c.sft.optimizer = knowledge._optimizer(1e-4)
-  g = grpo.default_config()
+  g = grpo_config.default_config()
   g.rounds, g.updates, g.prompts_per_round, g.group_size = steps // 2, 2, 4, 8
   g.max_new_tokens = 72
   g.optimizer.lr = 1e-4

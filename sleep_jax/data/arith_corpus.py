@@ -121,3 +121,8 @@ class ArithCorpus:
       out[f"solve_level{level}"] = [solve(p) for p in tests]
       out[f"read_level{level}"] = [read(p) for p in tests[:50]]
     return out
+
+
+def recipe_fields(levels=(1, 2, 3), solve_levels=(1, 2, 3)) -> dict:
+  """``config.base`` fields of the tiny arithmetic base that reads this corpus."""
+  return dict(corpus=corpus_name(0, levels, solve_levels), mixture=tuple(DEFAULT_MIXTURE))

@@ -14,6 +14,10 @@ from typing import Optional, Tuple
 import ml_collections
 
 
+# The projections a LoRA adapter can target (``lora.py``): attention and the slowest level's MLP.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static description of a decoder-only Llama-style transformer with a CMS MLP chain."""

@@ -14,9 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from sleep_jax.model.config import ModelConfig
-
-ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+from sleep_jax.model.config import LORA_TARGETS as ALL_TARGETS, ModelConfig
 
 
 def target_dims(cfg: ModelConfig, name: str):

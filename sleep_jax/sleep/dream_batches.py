@@ -16,13 +16,7 @@ import numpy as np
 
 from sleep_jax.model import sampler
 from sleep_jax.model.config import ModelConfig
-
-DEFAULT_TEMPLATES = {
-    "implications": "{context}\nImplications of this passage:\n",
-    "qa": "{context}\nQuestions and answers about this passage:\n",
-    "rewrite": "{context}\nThe same passage in other words:\n",
-    "variant": "{context}\nA new task like this one:\n",
-}
+from sleep_jax.sleep.dreaming_config import DEFAULT_TEMPLATES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Checks of a sleep-cycle config and its inputs before any compute: every mistake found here is
 a one-line ``UserError`` (method names, sizes, the documents file, the model file), and inputs
-longer than the model's context are refused (or cut, when asked) before any model work."""
+longer than the model's context are refused (or cut, when asked) before any model work.
+``check`` imports no jax, so a mistyped config is refused in well under a second."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import List
 
 from sleep_jax import tasks
 from sleep_jax.errors import UserError
-from sleep_jax.sleep import consolidation_config, dream_qa
+from sleep_jax.sleep import consolidation_config
 from sleep_jax.sleep import methods as methods_lib
 
 POSITIVE = ("consolidation.steps", "consolidation.batch_size", "consolidation.max_new_tokens",
@@ -51,7 +52,7 @@ def check(config) -> None:
   for key, valid in CHOICES.items():
     if _get(c, key) not in valid:
       raise UserError(f"config.{key}={_get(c, key)!r}; valid: {', '.join(valid)}")
-  tasks.get(c.data.source)
+  tasks.check_source(c.data.source)
   if float(c.consolidation.decoys) < 0:
     raise UserError(f"config.consolidation.decoys={c.consolidation.decoys} must be >= 0")
   if not 0.0 <= float(c.consolidation.anchor_share) < 1.0:
@@ -67,7 +68,12 @@ def check(config) -> None:
       raise UserError(f"config.{key}={_get(c, key)} must be >= 0 (0 = all)")
   if c.data.source == "jsonl":
     from sleep_jax.data import documents
-    documents.load_jsonl(c.data.documents)  # every line checked now, not after the model loads
+    docs = documents.load_jsonl(c.data.documents)  # every line checked now, not after the model
+    untitled = [d.id for d in docs[:int(c.data.max_documents) or None] if not d.title]
+    if int(c.get("model_slot_keys", 0)) and untitled:
+      raise UserError(f"{c.data.documents}: model_slot_keys > 0 keys each sleep's slots on its "
+                      f"documents' titles, and document {untitled[0]!r} has none (add "
+                      "\"title\": the name its questions use)")
   if c.model_source == "gguf":
     _check_gguf(c.gguf)
 
@@ -133,6 +139,7 @@ def dream_coverage(config, setup, log=print) -> None:
   """A warning when a dreaming method writes fewer dreams a round than a chunk has dream
   prompts that read a passage: row i is written from prompt ``i mod P``
   (``dream_batches.prompt_batch``), so the passages after the first ``dreaming.m`` get none."""
+  from sleep_jax.sleep import dream_qa  # here, not at the top: ``check`` imports no jax
   for name in config.methods:
     method = methods_lib.get(str(name))
     if method.dreaming is None:

@@ -3,12 +3,20 @@ picks the task. Adding an experiment is adding a file and a line here."""
 
 from __future__ import annotations
 
-from sleep_jax.configs import loader
-from sleep_jax.tasks import arc, long_horizon, reasoning, world
-from sleep_jax.tasks.base import Task
+import importlib
 
-TASKS = {t.name: t for t in (world.TASK, world.JSONL_TASK, arc.TASK, long_horizon.NEEDLES,
-                             long_horizon.STORY, reasoning.TASK)}
+from sleep_jax.configs import loader
+
+# data.source -> "module:attribute" of its Task. A task module is imported on first use only, so
+# that checking a config's source (``sleep/validate.py``) and loading a config file need no jax.
+SOURCES = {
+    "world": "sleep_jax.tasks.world:TASK",
+    "jsonl": "sleep_jax.tasks.world:JSONL_TASK",
+    "arc": "sleep_jax.tasks.arc:TASK",
+    "needles": "sleep_jax.tasks.long_horizon:NEEDLES",
+    "story": "sleep_jax.tasks.long_horizon:STORY",
+    "arith": "sleep_jax.tasks.reasoning:TASK",
+}
 
 
 def make_setup(config, workdir: str, log=print):
@@ -17,5 +25,13 @@ def make_setup(config, workdir: str, log=print):
   return get(config.data.source).setup(config, models.load(config, workdir, log=log))
 
 
-def get(source: str) -> Task:
-  return loader.pick(TASKS, source, "data.source")
+def check_source(source: str) -> str:
+  """``source`` if it names a task, else a UserError naming the nearest one (imports nothing)."""
+  loader.pick(SOURCES, source, "data.source")
+  return source
+
+
+def get(source: str):
+  """The ``base.Task`` of ``source``."""
+  module, _, attr = SOURCES[check_source(source)].partition(":")
+  return getattr(importlib.import_module(module), attr)

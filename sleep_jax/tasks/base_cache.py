@@ -18,7 +18,8 @@ import numpy as np
 from sleep_jax.data.tokenizer import WordTokenizer
 from sleep_jax.errors import UserError
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.tasks.pretrain import BaseModel, PretrainConfig, _print, corpus_for, pretrain
+from sleep_jax.tasks.pretrain import BaseModel, _print, corpus_for, pretrain
+from sleep_jax.tasks.pretrain_recipe import PretrainConfig
 
 _PARAMS, _TOK, _META = "params.npz", "tokenizer.json", "base_model.json"
 

@@ -10,7 +10,7 @@ from typing import Any, Dict
 from sleep_jax.data import documents
 from sleep_jax.data import world as world_lib
 from sleep_jax.model import growth, slot_keys
-from sleep_jax.tasks import base_cache, pretrain
+from sleep_jax.tasks import base_cache, pretrain_recipe
 
 
 @dataclasses.dataclass
@@ -23,7 +23,7 @@ class Model:
   corpus: Any  # the world base's pretraining corpus (None for an imported model)
 
 
-def base_recipe(config) -> pretrain.PretrainConfig:
+def base_recipe(config) -> pretrain_recipe.PretrainConfig:
   """``config.base`` as the recipe dataclass."""
   b = config.base.to_dict()
   world = world_lib.WorldConfig(**b.pop("world"))
@@ -31,7 +31,7 @@ def base_recipe(config) -> pretrain.PretrainConfig:
     b[k] = tuple(b[k])
   if "mixture" in b:
     b["mixture"] = tuple((str(x), float(y)) for x, y in b["mixture"])
-  return pretrain.PretrainConfig(world=world, **b)
+  return pretrain_recipe.PretrainConfig(world=world, **b)
 
 
 def _with_slots(config, params, cfg):

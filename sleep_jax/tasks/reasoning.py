@@ -176,10 +176,3 @@ def write_report(results, workdir) -> str:
 
 
 TASK = Task("arith", setup, write_report, finish_run=finish_run)
-
-
-def recipe_fields(levels=(1, 2, 3), solve_levels=(1, 2, 3)) -> dict:
-  """``config.base`` fields of the tiny arithmetic base (``data/arith_corpus.py``)."""
-  return dict(corpus=arith_corpus.corpus_name(0, levels, solve_levels),
-              mixture=tuple(arith_corpus.DEFAULT_MIXTURE))
-

@@ -114,12 +114,6 @@ def _anchors_by_value(world, fmt, skip: int):
 def jsonl_setup(config, model: models.Model) -> Setup:
   c = config
   docs = documents.load_jsonl(c.data.documents)[:int(c.data.max_documents) or None]
-  untitled = [d.id for d in docs if not d.title]
-  if int(c.get("model_slot_keys", 0)) and untitled:  # before any compute, not at the first sleep
-    raise documents.DocumentError(
-        f"{c.data.documents}: model_slot_keys > 0 keys each sleep's slots on its documents' "
-        f"titles, and document {untitled[0]!r} has none (add \"title\": the name its "
-        "questions use)")
   size = int(c.data.chunk_size) or len(docs)
   chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
   extra, texts = {}, []  # the tiny world model reads no general English

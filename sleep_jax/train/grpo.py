@@ -25,19 +25,14 @@ import numpy as np
 from sleep_jax.losses import rl
 from sleep_jax.model import sampler, transformer
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.train import fit as fit_lib
+from sleep_jax.train import fit as fit_lib, grpo_config
 from sleep_jax.train.optimizer import make_optimizer
 
 # reward_fn(prompt_index, completion_token_ids) -> reward (host float)
 RewardFn = Callable[[int, List[int]], float]
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      rounds=20, prompts_per_round=8, group_size=8, updates=2, clip_eps=0.2, kl_coef=0.0,
-      max_new_tokens=16, temperature=1.0,
-      optimizer=ml_collections.ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.95,
-                                               grad_clip=1.0))))
+default_config = grpo_config.default_config  # every knob: ``config.grpo``
 
 
 def completion_logprobs(params, tokens, valid, completion_mask, slot_mask, cfg: ModelConfig
