@@ -13,7 +13,6 @@ diverged (NaN/inf); anything else an internal error with its traceback.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import sys
 
@@ -42,11 +41,6 @@ CHECKS = {
 }
 
 
-def _load(ref: str):
-  module, _, fn = ref.partition(":")
-  return getattr(importlib.import_module(module), fn)
-
-
 def check_job(name: str) -> str:
   """``name`` if it is a job, else a UserError naming the nearest ones (imports nothing)."""
   if name not in JOBS:
@@ -57,7 +51,7 @@ def check_job(name: str) -> str:
 
 
 def resolve_job(name: str):
-  return _load(JOBS[check_job(name)])
+  return loader.import_ref(JOBS[check_job(name)])
 
 
 def _quiet_orbax(record) -> bool:
@@ -74,7 +68,7 @@ def main(argv):
     check_job(config.job)
     workdir_lib.prepare(workdir)
     if config.job in CHECKS:  # before the job's module (jax) is imported: errors come at once
-      _load(CHECKS[config.job])(config)
+      loader.import_ref(CHECKS[config.job])(config)
     lock = None
     if config.get("distributed", "off") == "off" and not workdir_lib.is_remote(workdir):
       lock = workdir_lib.Lock(workdir).acquire()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import importlib.util
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -32,6 +33,13 @@ def pick(table, name: str, what: str):
     hint = f" Did you mean {near[0]!r}?" if near else ""
     raise UserError(f"unknown {what} {name!r}.{hint} Valid: {sorted(table)}")
   return table[name]
+
+
+def import_ref(ref: str):
+  """The attribute ``ref`` = "module:attribute" names, its module imported now: the registries
+  of jobs and tasks name what they run this way, so that choosing one imports no other."""
+  module, _, attr = ref.partition(":")
+  return getattr(importlib.import_module(module), attr)
 
 
 def load_module(path: str):

@@ -3,8 +3,6 @@ picks the task. Adding an experiment is adding a file and a line here."""
 
 from __future__ import annotations
 
-import importlib
-
 from sleep_jax.configs import loader
 
 # data.source -> "module:attribute" of its Task. A task module is imported on first use only, so
@@ -33,5 +31,4 @@ def check_source(source: str) -> str:
 
 def get(source: str):
   """The ``base.Task`` of ``source``."""
-  module, _, attr = SOURCES[check_source(source)].partition(":")
-  return getattr(importlib.import_module(module), attr)
+  return loader.import_ref(SOURCES[check_source(source)])
