@@ -6,10 +6,13 @@ answer and what the wrong samples look like.
     python scripts/sampled_answers.py --workdir DIR --variant verified --seed 0 \
         --methods base,sft_questions,opsd,sleep_no_dream,sleep_no_expansion
 
-DIR is a finished ``reasoning.py:VARIANT`` workdir (``base`` needs no run there).
+DIR is a finished ``reasoning.py:VARIANT`` workdir (``base`` needs no run there). The models are
+scored under the config the first listed run recorded (``config.json``: the variant with the
+run's ``--config.*`` overrides), so a reduced run is scored on its own held-out problems.
 """
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -21,8 +24,35 @@ from sleep_jax.configs import reasoning
 from sleep_jax.eval import answers
 from sleep_jax.model import sampler, transformer
 from sleep_jax.parallel import checkpoint as ckpt_lib
-from sleep_jax.sleep import dream_phase, dreaming, methods
+from sleep_jax.sleep import dream_phase, dreaming, methods, run_records
 from sleep_jax.tasks import models, reasoning as task
+
+
+def recorded(config, workdir: str, method_names, seed: int):
+  """``config`` with every key the first run of ``method_names`` in ``workdir`` recorded."""
+  for m in method_names:
+    path = os.path.join(run_records.run_dir(workdir, m, seed), run_records.CONFIG_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        flat = json.load(f)
+      break
+  else:
+    return config
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part] if part in node else None
+      if node is None:
+        break
+    if node is None or leaf not in node:
+      continue  # e.g. ``random_numbers``: recorded, not a config key
+    if isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if node[leaf] != value:
+      with node.ignore_type():
+        node[leaf] = value
+  return config
 
 
 def final_arrays(workdir: str, method: str, seed: int, setup, config):
@@ -95,16 +125,19 @@ def main() -> None:
   a.add_argument("--methods", default="base,sleep_no_dream")
   a.add_argument("--show", type=int, default=2, help="wrong samples printed per method")
   a.add_argument("--teacher", action="store_true", help="also measure the teacher")
+  a.add_argument("--samples", type=int, default=0,
+                 help="k of avg@k (default: the run's eval.samples, 8 where that is 0)")
   args = a.parse_args()
-  c = reasoning.get_config(args.variant)
+  names = args.methods.split(",")
+  c = recorded(reasoning.get_config(args.variant), args.workdir, names, args.seed)
   with tempfile.TemporaryDirectory() as work:
     setup = task.setup(c, models.load(c, work, log=lambda *_: None))
   if args.teacher:
     print(teacher_line(setup, c), flush=True)
-  k = int(c.eval.samples)
+  k = args.samples or int(c.eval.samples) or 8
   docs = [d for ch in setup.chunks for d in ch if d.eval_questions]
   base_right = None
-  for method in args.methods.split(","):
+  for method in names:
     params, mask = final_arrays(args.workdir, method, args.seed, setup, c)
     recs, comps, sc = answers.answer(setup, params, mask, docs, c.eval, in_context=False)
     prompts = [setup.fmt.closed_book(q.q) for d in docs for q in d.eval_questions]
