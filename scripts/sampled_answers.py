@@ -29,25 +29,25 @@ from sleep_jax.tasks import models, reasoning as task
 
 
 def recorded(config, workdir: str, method_names, seed: int):
-  """``config`` with every key the first run of ``method_names`` in ``workdir`` recorded."""
-  for m in method_names:
-    path = os.path.join(run_records.run_dir(workdir, m, seed), run_records.CONFIG_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        flat = json.load(f)
-      break
-  else:
+  """``config`` with every key the listed runs in ``workdir`` recorded (they must agree)."""
+  paths = [os.path.join(run_records.run_dir(workdir, m, seed), run_records.CONFIG_FILE)
+           for m in method_names]
+  paths = [p for p in paths if os.path.exists(p)]
+  if not paths:
+    print(f"no recorded config for seed {seed} in {workdir}: the variant's defaults", flush=True)
     return config
+  if any(run_records.recorded_config(p) != run_records.recorded_config(paths[0])
+         for p in paths[1:]):
+    raise SystemExit(f"the runs {paths} recorded different configs: score them one at a time")
+  with open(paths[0]) as f:
+    flat = json.load(f)
+  flat.pop("random_numbers", None)  # the draw scheme: recorded beside the config, not a key
   for key, value in flat.items():
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
-      node = node[part] if part in node else None
-      if node is None:
-        break
-    if node is None or leaf not in node:
-      continue  # e.g. ``random_numbers``: recorded, not a config key
-    if isinstance(value, list):
+      node = node[part]
+    if isinstance(value, list):  # JSON keeps no tuples
       value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if node[leaf] != value:
       with node.ignore_type():
